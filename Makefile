@@ -1,0 +1,69 @@
+# clustermesh.core — the two commands: `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      := .venv
+BIN       := $(CURDIR)/$(VENV)/bin
+VERSION   := $(shell sed -n 's/^version: *//p' galaxy.yml)
+TARBALL   := build/clustermesh-core-$(VERSION).tar.gz
+LAB       := tools/lab
+LAB_PREFIX ?= cml
+INVENTORY  = /run/clustermesh-lab/$(LAB_PREFIX)/inventory/hosts.yml
+
+export PATH := $(BIN):$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/build/collections
+export ANSIBLE_FORCE_COLOR := 0
+
+.PHONY: help deps collection demo demo-down lab-up lab-down test lint sanity units lab-tests molecule bench clean
+
+help:
+	@echo "make demo       install what is needed, build the lab, run playbooks/site.yml against it"
+	@echo "make demo-down  tear the demo lab down"
+	@echo "make test       install what is needed and run every test (lint, sanity, units, lab, molecule)"
+	@echo "make bench      run the benchmarks (results in bench/results/)"
+
+deps:
+	@tools/install-deps
+
+# Build the collection tarball and install it where ansible.cfg looks (build/collections).
+collection: deps
+	@mkdir -p build
+	@$(BIN)/ansible-galaxy collection build --force --output-path build . >/dev/null
+	@$(BIN)/ansible-galaxy collection install --force -p build/collections $(TARBALL) >/dev/null
+	@echo "collection: installed clustermesh.core $(VERSION) into build/collections"
+
+lab-up: deps
+	@$(LAB) up --prefix $(LAB_PREFIX)
+
+lab-down:
+	@$(LAB) down --prefix $(LAB_PREFIX)
+
+demo: collection lab-up
+	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/site.yml
+
+demo-down: lab-down
+
+test: collection
+	@tools/run-tests
+
+lint: deps
+	@tools/run-tests lint
+
+sanity: deps
+	@tools/run-tests sanity
+
+units: deps
+	@tools/run-tests units
+
+lab-tests: collection
+	@tools/run-tests lab
+
+molecule: collection
+	@tools/run-tests molecule
+
+bench: collection
+	@echo "bench: no benchmarks yet"
+
+clean:
+	rm -rf build tests/output
