@@ -151,7 +151,8 @@ class Connection(ConnectionBase):
             proc = subprocess.run(self._argv + read, stdout=dst, stderr=subprocess.PIPE, cwd="/", check=False)
         if proc.returncode != 0:
             raise AnsibleFileNotFound(
-                "failed to read %s in the lab host: %s" % (in_path, to_text(proc.stderr).strip() or shlex.quote(in_path))
+                "failed to read %s in the lab host: %s"
+                % (in_path, to_text(proc.stderr).strip() or shlex.quote(in_path))
             )
 
     def reset(self):
