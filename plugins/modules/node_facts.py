@@ -23,7 +23,7 @@ description:
     probes), C(pyroute2) on the node for the link, tc and underlay probes, and the C(ip) and C(nft)
     binaries for the ESP and nftables probes.
 author:
-  - clustermesh.core contributors
+  - clustermesh.core developers (@clustermesh)
 options:
   probes:
     description:
