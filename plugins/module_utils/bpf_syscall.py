@@ -162,6 +162,28 @@ class LinkCreateAttr(ctypes.Structure):
     ]
 
 
+class InfoByFdAttr(ctypes.Structure):
+    """BPF_OBJ_GET_INFO_BY_FD."""
+
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    ]
+
+
+class ProgInfo(ctypes.Structure):
+    """Head of struct bpf_prog_info: the kernel fills only as much as info_len asks for."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_ubyte * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+    ]
+
+
 class BpfAttr(ctypes.Union):
     """union bpf_attr, always BPF_ATTR_SIZE bytes; ctypes zero-fills it on creation."""
 
@@ -169,6 +191,7 @@ class BpfAttr(ctypes.Union):
         ("map_create", MapCreateAttr),
         ("prog_load", ProgLoadAttr),
         ("link_create", LinkCreateAttr),
+        ("info_by_fd", InfoByFdAttr),
         ("raw", ctypes.c_ubyte * BPF_ATTR_SIZE),
     ]
 
@@ -338,3 +361,14 @@ def link_create(prog_fd, target_ifindex, attach_type, flags=0):
     a.attach_type = attach_type
     a.flags = flags
     return BpfFd(bpf(Cmd.LINK_CREATE, attr, f"attach type {attach_type} on ifindex {target_ifindex}"))
+
+
+def prog_info(prog_fd):
+    """The head of bpf_prog_info for a loaded program (type, id, tag, jited and xlated sizes)."""
+    info = ProgInfo()
+    attr = BpfAttr()
+    attr.info_by_fd.bpf_fd = prog_fd
+    attr.info_by_fd.info_len = ctypes.sizeof(info)
+    attr.info_by_fd.info = ctypes.addressof(info)
+    bpf(Cmd.OBJ_GET_INFO_BY_FD, attr, "program info")
+    return info

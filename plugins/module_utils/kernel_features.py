@@ -207,18 +207,26 @@ def probe_bpf():
 
 
 def probe_bpf_jit(path=PROC_BPF_JIT):
-    """The JIT is on when net.core.bpf_jit_enable is 1 (or 2, with debug output)."""
+    """The JIT is on when a freshly loaded program comes back JIT-compiled.
+
+    The sysctl net.core.bpf_jit_enable is only visible in the initial network namespace, so the
+    load is the test that works on every node; the sysctl value is added when it can be read.
+    """
     try:
         raw = read_text(path)
-    except FileNotFoundError:
-        return feature(False, f"{path} does not exist: this kernel has no BPF JIT", value=None)
-    try:
         value = int(raw)
-    except ValueError:
-        return feature(False, f"{path} holds {raw!r}, not a number", value=None)
-    if value in (1, 2):
-        return feature(True, f"net.core.bpf_jit_enable = {value}", value=value)
-    return feature(False, f"net.core.bpf_jit_enable = {value}: the JIT is off (programs are interpreted)", value=value)
+    except (OSError, ValueError):
+        value = None
+    try:
+        with bpf_syscall.prog_load(bpf_syscall.ProgType.SCHED_CLS, bpf_syscall.return_imm(0), name="cm_probe") as fd:
+            jited = bpf_syscall.prog_info(fd).jited_prog_len
+    except (OSError, ValueError) as exc:
+        if value is not None:
+            return feature(value in (1, 2), f"net.core.bpf_jit_enable = {value}", value=value)
+        return feature(False, f"could not load a probe program to check the JIT: {describe_error(exc)}", value=None)
+    if jited:
+        return feature(True, f"a probe program was JIT-compiled ({jited} bytes of machine code)", value=value)
+    return feature(False, "a probe program was not JIT-compiled: programs are interpreted", value=value)
 
 
 def probe_btf(path=SYS_BTF_VMLINUX):

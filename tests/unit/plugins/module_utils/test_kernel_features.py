@@ -132,25 +132,26 @@ def test_parse_netlink_reply():
 # --- sysctl/file probes on fake files -----------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("content", "available", "value"),
-    [("1\n", True, 1), ("2\n", True, 2), ("0\n", False, 0), ("junk", False, None)],
-)
-def test_probe_bpf_jit(tmp_path, content, available, value):
-    path = tmp_path / "bpf_jit_enable"
-    path.write_text(content)
-    result = kf.probe_bpf_jit(str(path))
-    assert result["available"] is available
-    assert result["value"] == value
+def _sysctl_jit():
+    with open("/proc/sys/net/core/bpf_jit_enable") as f:
+        return int(f.read())
 
 
-def test_probe_bpf_jit_missing_file(tmp_path):
+@pytest.mark.skipif(os.geteuid() != 0, reason="loading a BPF program needs root")
+def test_probe_bpf_jit_matches_the_kernel():
+    result = kf.probe_bpf_jit()
+    assert result["available"] is (_sysctl_jit() in (1, 2))
+    assert result["value"] == _sysctl_jit()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="loading a BPF program needs root")
+def test_probe_bpf_jit_without_the_sysctl(tmp_path):
+    # In a network namespace other than the initial one the sysctl is not visible; the probe
+    # must still tell from a loaded program whether the JIT compiles.
     result = kf.probe_bpf_jit(str(tmp_path / "none"))
-    assert result == {
-        "available": False,
-        "detail": f"{tmp_path}/none does not exist: this kernel has no BPF JIT",
-        "value": None,
-    }
+    assert result["available"] is (_sysctl_jit() in (1, 2))
+    assert result["value"] is None
+    assert "JIT-compiled" in result["detail"]
 
 
 def test_probe_btf(tmp_path):
