@@ -1,0 +1,228 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: clustermesh.core contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: mesh_join
+short_description: Write a node's kvstore configuration for its own cluster and every cluster it connects to
+description:
+  - Writes C(<config_dir>/kvstore.yaml), Cilium's etcd-config YAML for the node's own cluster (its etcd
+    members, the cluster CA and the C(admin-<cluster>) client certificate in C(<config_dir>/pki/)).
+  - Writes C(<config_dir>/clusters.d/<peer>) for each cluster this one connects to, in the same format
+    (the peer's proxy endpoints), with C(<peer>.etcd-client-ca.crt), C(<peer>.etcd-client.crt) and
+    C(<peer>.etcd-client.key) beside it, exactly as Cilium's clustermesh configuration directory.
+  - Removes the files of clusters no longer listed. Files in C(clusters.d) that do not follow this
+    naming are left alone.
+  - Every certificate is checked before anything is written: it must match its key, be signed by the
+    given CA, and carry the expected user (C(admin-<cluster>) locally, C(remote-<cluster>) for peers).
+    On any problem nothing is written.
+version_added: 0.1.0
+author:
+  - clustermesh.core developers (@clustermesh)
+options:
+  cluster:
+    description: Name of the node's own cluster.
+    type: str
+    required: true
+  config_dir:
+    description: The node's clustermesh configuration directory.
+    type: path
+    default: /etc/clustermesh
+  local:
+    description: Connection to the node's own cluster. Omit to leave C(kvstore.yaml) alone.
+    type: dict
+    suboptions:
+      endpoints:
+        description: The cluster's etcd member URLs.
+        type: list
+        elements: str
+        required: true
+      ca:
+        description: PEM of the cluster CA.
+        type: str
+        required: true
+      cert:
+        description: PEM of the C(admin-<cluster>) client certificate.
+        type: str
+        required: true
+      key:
+        description: PEM of its private key.
+        type: str
+        required: true
+        no_log: true
+  peers:
+    description: The clusters this one connects to.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      name:
+        description: The peer cluster's name.
+        type: str
+        required: true
+      endpoints:
+        description: The peer's mesh endpoints (its proxies).
+        type: list
+        elements: str
+        required: true
+      ca:
+        description: PEM of the peer's CA.
+        type: str
+        required: true
+      cert:
+        description: PEM of the C(remote-<cluster>) client certificate the peer issued for this cluster.
+        type: str
+        required: true
+      key:
+        description: PEM of its private key.
+        type: str
+        required: true
+        no_log: true
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+    details: Shows which files change; the content of configuration files, never of keys.
+"""
+
+EXAMPLES = r"""
+- name: Join cluster1's node to cluster2
+  clustermesh.core.mesh_join:
+    cluster: cluster1
+    local:
+      endpoints: [https://198.18.1.11:2379]
+      ca: "{{ lookup('file', pki_dir ~ '/cluster1/ca.crt') }}"
+      cert: "{{ lookup('file', pki_dir ~ '/cluster1/admin.crt') }}"
+      key: "{{ lookup('file', pki_dir ~ '/cluster1/admin.key') }}"
+    peers:
+      - name: cluster2
+        endpoints: [https://198.18.2.11:32379]
+        ca: "{{ lookup('file', pki_dir ~ '/cluster2/ca.crt') }}"
+        cert: "{{ lookup('file', pki_dir ~ '/cluster2/remote-cluster1.crt') }}"
+        key: "{{ lookup('file', pki_dir ~ '/cluster2/remote-cluster1.key') }}"
+"""
+
+RETURN = r"""
+written:
+  description: Files created or changed.
+  returned: always
+  type: list
+  elements: str
+  sample: [/etc/clustermesh/clusters.d/cluster2]
+removed:
+  description: Files of clusters no longer connected that were removed.
+  returned: always
+  type: list
+  elements: str
+  sample: [/etc/clustermesh/clusters.d/cluster3, /etc/clustermesh/clusters.d/cluster3.etcd-client.key]
+peers:
+  description: The connected clusters.
+  returned: always
+  type: list
+  elements: str
+  sample: [cluster2]
+"""
+
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.clustermesh.core.plugins.module_utils.control_plane import (
+    CLUSTERS_DIR,
+    LOCAL_PKI_DIR,
+    JoinError,
+    join_file_plan,
+    stale_join_files,
+)
+from ansible_collections.clustermesh.core.plugins.module_utils.files import (
+    ensure_dir,
+    ensure_file,
+    file_differs,
+    read_bytes,
+)
+
+_CREDENTIALS = dict(
+    endpoints=dict(type="list", elements="str", required=True),
+    ca=dict(type="str", required=True),
+    cert=dict(type="str", required=True),
+    key=dict(type="str", required=True, no_log=True),
+)
+
+
+def _diff_text(path, data):
+    if path.endswith(".key"):
+        return "(private key: %s)\n" % ("present" if data is not None else "absent")
+    return (data or b"").decode("utf-8", "replace")
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            cluster=dict(type="str", required=True),
+            config_dir=dict(type="path", default="/etc/clustermesh"),
+            local=dict(type="dict", options=_CREDENTIALS),
+            peers=dict(
+                type="list",
+                elements="dict",
+                default=[],
+                options=dict(name=dict(type="str", required=True), **_CREDENTIALS),
+            ),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    config_dir = p["config_dir"]
+    try:
+        plan = join_file_plan(p["cluster"], p["local"], p["peers"], config_dir)
+    except JoinError as exc:
+        module.fail_json(msg=str(exc))
+    changed_paths = [path for path, (data, mode) in sorted(plan.items()) if file_differs(path, data, mode)]
+    stale = stale_join_files(config_dir, {peer["name"] for peer in p["peers"]})
+    diffs = []
+    for path in changed_paths:
+        diffs.append(
+            {
+                "before_header": path,
+                "after_header": path,
+                "before": _diff_text(path, read_bytes(path)),
+                "after": _diff_text(path, plan[path][0]),
+            }
+        )
+    for path in stale:
+        diffs.append(
+            {
+                "before_header": path,
+                "after_header": "(removed)",
+                "before": _diff_text(path, read_bytes(path)),
+                "after": "",
+            }
+        )
+    if not module.check_mode:
+        ensure_dir(config_dir, 0o755)
+        ensure_dir(os.path.join(config_dir, CLUSTERS_DIR), 0o700)
+        if p["local"]:
+            ensure_dir(os.path.join(config_dir, LOCAL_PKI_DIR), 0o700)
+        # Credentials before the configuration that points at them, so a reader never sees a
+        # configuration whose files are missing.
+        for path in sorted(changed_paths, key=lambda x: (not x.endswith((".crt", ".key")), x)):
+            data, mode = plan[path]
+            ensure_file(path, data, mode)
+        for path in sorted(stale, key=lambda x: x.endswith((".crt", ".key"))):
+            os.unlink(path)
+    result = dict(
+        changed=bool(changed_paths or stale),
+        written=changed_paths,
+        removed=stale,
+        peers=[peer["name"] for peer in p["peers"]],
+    )
+    if module._diff:
+        result["diff"] = diffs
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
