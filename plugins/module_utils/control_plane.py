@@ -140,8 +140,10 @@ def node_files(mesh, node_name, pki_dir, config_dir=CONFIG_DIR):
     """Which controller files a node gets, and the settings of its kvstore configs.
 
     Returns ``{"copies": [{src, dest, mode, secret}], "local": {...}, "peers": [...],
-    "member": bool, "proxy": bool}`` where ``local`` and each peer hold the Cilium etcd-config
-    settings (name, endpoints, trusted-ca-file, cert-file, key-file).
+    "member": bool, "proxy": bool}``: ``copies`` are a kvstore member's etcd certificates;
+    ``local`` and each peer hold the Cilium etcd-config settings (name, endpoints,
+    trusted-ca-file, cert-file, key-file) and the controller files of their credentials
+    (ca_src, cert_src, key_src), which role ``mesh`` hands to ``mesh_join``.
     """
     node = cluster = None
     for c in mesh["clusters"]:
@@ -153,17 +155,15 @@ def node_files(mesh, node_name, pki_dir, config_dir=CONFIG_DIR):
     name = cluster["name"]
     own = os.path.join(pki_dir, name)
     local_pki = os.path.join(config_dir, LOCAL_PKI_DIR)
-    copies = [
-        {"src": os.path.join(own, "ca.crt"), "dest": os.path.join(local_pki, "ca.crt"), "secret": False},
-        {"src": os.path.join(own, "admin.crt"), "dest": os.path.join(local_pki, "admin.crt"), "secret": False},
-        {"src": os.path.join(own, "admin.key"), "dest": os.path.join(local_pki, "admin.key"), "secret": True},
-    ]
     local = {
         "name": name,
         "endpoints": member_endpoints(cluster),
         "trusted-ca-file": os.path.join(local_pki, "ca.crt"),
         "cert-file": os.path.join(local_pki, "admin.crt"),
         "key-file": os.path.join(local_pki, "admin.key"),
+        "ca_src": os.path.join(own, "ca.crt"),
+        "cert_src": os.path.join(own, "admin.crt"),
+        "key_src": os.path.join(own, "admin.key"),
     }
     clusters_dir = os.path.join(config_dir, CLUSTERS_DIR)
     peers = []
@@ -184,6 +184,7 @@ def node_files(mesh, node_name, pki_dir, config_dir=CONFIG_DIR):
             }
         )
     member = node["name"] in cluster["kvstore_members"]
+    copies = []
     if member:
         etcd_dir = os.path.join(config_dir, ETCD_DIR)
         for stem, dest_stem, secret in (

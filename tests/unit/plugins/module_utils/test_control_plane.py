@@ -74,7 +74,9 @@ def test_node_files(mesh):
     assert peers["cluster2"]["cert_src"] == "/pki/cluster2/remote-cluster1.crt"
     assert peers["cluster2"]["endpoints"] == ["https://198.18.2.11:32379"]
     keys = [c for c in files["copies"] if c["secret"]]
-    assert keys and all(c["mode"] == "0600" for c in keys)
+    assert {c["dest"] for c in keys} == {"/etc/clustermesh/etcd/server.key", "/etc/clustermesh/etcd/root.key"}
+    assert all(c["mode"] == "0600" for c in keys)
+    assert cp.node_files(mesh, "c1-n2", "/pki")["copies"] == []  # not a member: no etcd certificates
     tenant = cp.node_files(mesh, "t-n1", "/pki")
     assert [p["name"] for p in tenant["peers"]] == ["cluster1"]
     assert tenant["peers"][0]["cert_src"] == "/pki/cluster1/remote-tenant.crt"
