@@ -56,6 +56,9 @@ MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 # etcd refuses requests above --max-request-bytes (1.5 MiB by default) itself.
 MAX_SEND_BYTES = 16 * 1024 * 1024
 
+# gRPC metadata of clientv3's WithRequireLeader.
+REQUIRE_LEADER = (("hasleader", "true"),)
+
 EVENT_PUT = "put"
 EVENT_DELETE = "delete"
 
@@ -309,9 +312,12 @@ class KVStoreClient:
     """etcd v3 client: mTLS, several endpoints with failover, deadlines on every call.
 
     ``timeout`` is the deadline of each RPC on each endpoint tried (so a call that fails over
-    across N endpoints takes at most N x timeout); ``connect_timeout`` bounds TCP connect plus
-    TLS handshake.  Writes are retried on another endpoint only when the request cannot have
-    been sent (no connection); a write that timed out is reported, not repeated.
+    across N endpoints takes at most N x timeout; a second round that waits for a connection
+    fits in what is left of ``timeout``); ``connect_timeout`` bounds TCP connect plus TLS
+    handshake.  Writes are retried on another endpoint only when the request cannot have been
+    sent (no connection); a write that timed out is reported, not repeated.  Keepalive pings
+    (``keepalive_time``, at least 5 s: etcd refuses more frequent pings) detect a dead peer
+    within ``keepalive_time + keepalive_timeout`` while a call or watch is open.
     Thread-safe; watchers share the client's connections.
     """
 
@@ -328,7 +334,7 @@ class KVStoreClient:
         server_name: str | None = None,
         max_receive_bytes: int = MAX_RECEIVE_BYTES,
         keepalive_time: float = 10.0,
-        keepalive_timeout: float = 5.0,
+        keepalive_timeout: float = 10.0,
         max_reconnect_backoff: float = 2.0,
     ):
         if isinstance(endpoints, str):
@@ -365,6 +371,9 @@ class KVStoreClient:
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.keepalive_time_ms", int(keepalive_time * 1000)),
             ("grpc.keepalive_timeout_ms", int(keepalive_timeout * 1000)),
+            # grpcio 1.85 waits for the keepalive ping's ack for ping_timeout_ms (default 60 s),
+            # not keepalive_timeout_ms: without this a half-open connection is kept for a minute.
+            ("grpc.http2.ping_timeout_ms", int(keepalive_timeout * 1000)),
             # etcd (grpc-go) answers pings without streams with GOAWAY too_many_pings.
             ("grpc.keepalive_permit_without_calls", 0),
             ("grpc.http2.max_pings_without_data", 0),
@@ -1179,7 +1188,9 @@ class PrefixWatcher:
                 if self._stop.is_set():
                     return
 
-        call = stub.Watch(requests())
+        # "hasleader": etcd closes the stream (UNAVAILABLE, no leader) when this member loses
+        # its leader, instead of keeping a watch that can no longer see changes.
+        call = stub.Watch(requests(), metadata=REQUIRE_LEADER)
         watchdog_fired = threading.Event()
 
         def watchdog():
