@@ -79,17 +79,45 @@ class DaemonSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _read_pid(path):
+def _read_pidfile(path):
+    """(pid, start time or None) from a pidfile, or (None, None)."""
     try:
         with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
+            fields = f.read().split()
+        return int(fields[0]), (int(fields[1]) if len(fields) > 1 else None)
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def _read_pid(path):
+    return _read_pidfile(path)[0]
+
+
+def _start_time(pid):
+    """Start time of a live pid in clock ticks since boot (field 22 of /proc/PID/stat).
+
+    None when the pid does not exist or is a zombie (dead, only waiting to be reaped).
+    """
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            stat = f.read()
+    except OSError:
         return None
+    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def _supervisor_is_ours(path):
+    """The supervisor is a fork, not an exec, so it carries no marker in its environment; it is
+    ours while the pid's start time is the one it wrote next to its pid."""
+    pid, started = _read_pidfile(path)
+    return pid if pid and started is not None and _start_time(pid) == started else None
 
 
 def _pid_is_ours(pid, spec):
     """True when pid is alive and carries our marker in its environment."""
-    if not pid:
+    if not pid or _start_time(pid) is None:
         return False
     try:
         with open("/proc/%d/environ" % pid, "rb") as f:
@@ -101,9 +129,9 @@ def _pid_is_ours(pid, spec):
 
 def supervised_status(spec):
     """{'running': bool, 'pid': int|None, 'supervisor_pid': int|None, 'fingerprint': str|None}."""
-    sup = _read_pid(spec.supervisor_pidfile)
+    sup = _supervisor_is_ours(spec.supervisor_pidfile)
     pid = _read_pid(spec.pidfile)
-    sup_alive = _pid_is_ours(sup, spec)
+    sup_alive = sup is not None
     pid_alive = _pid_is_ours(pid, spec)
     fingerprint = None
     try:
@@ -197,7 +225,7 @@ def start_supervised(spec, wait=10.0):
             for fd in (0, 1, 2):
                 os.dup2(devnull, fd)
             os.closerange(3, 65536)
-            _write_atomic(spec.supervisor_pidfile, "%d\n" % os.getpid())
+            _write_atomic(spec.supervisor_pidfile, "%d %d\n" % (os.getpid(), _start_time(os.getpid())))
             _supervise(spec)
         finally:
             os._exit(0)
@@ -218,16 +246,23 @@ def stop_supervised(spec, timeout=15.0):
     pids = [p for p in (status["supervisor_pid"], status["pid"]) if p]
     if not pids:
         return False
-    for pid in pids:
+    for pid in pids:  # the supervisor first, so it does not restart the program
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+    sup_started = _start_time(status["supervisor_pid"]) if status["supervisor_pid"] else None
+
+    def alive(pid):
+        if pid == status["supervisor_pid"]:
+            return _start_time(pid) == sup_started
+        return _pid_is_ours(pid, spec)
+
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_pid_is_ours(p, spec) for p in pids):
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.05)
     for pid in pids:
-        if _pid_is_ours(pid, spec):
+        if alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

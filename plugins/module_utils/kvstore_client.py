@@ -838,6 +838,21 @@ class KVStoreClient:
     def auth_enable(self) -> None:
         self._unary("Auth", "AuthEnable", etcdrpc.AuthEnableRequest(), op="auth_enable")
 
+    def auth_enabled(self) -> bool:
+        """Whether auth is on. etcd 3.4 has no AuthStatus call, but answers a password login
+        with "authentication is not enabled" only while auth is off."""
+        request = etcdrpc.AuthenticateRequest(name="clustermesh-auth-probe", password="-")
+        try:
+            self._unary("Auth", "Authenticate", request, op="auth_status")
+        except KVStoreError as exc:
+            details = exc.details or str(exc)
+            if "not enabled" in details:
+                return False
+            if "authentication failed" in details or "invalid user" in details:
+                return True
+            raise
+        return True
+
     def auth_disable(self) -> None:
         self._unary("Auth", "AuthDisable", etcdrpc.AuthDisableRequest(), op="auth_disable")
 

@@ -5,7 +5,7 @@ Layout of a lab with prefix P (see docs/lab.md):
   P-router   one leg per segment (to-<segment>) holding the segment's first address, ip_forward=1,
              and a dummy device outside0 with 198.19.255.1/24
   P-<host>   eth0 (veth to the fabric) with the host's address, lo, a route to 198.18.0.0/15 via
-             the router, no default route; plus a mount namespace (overlay /etc and /var/lib,
+             the router, no default route; plus a mount namespace (overlay /etc, /var/lib and /var/log,
              tmpfs /run and /tmp, fresh sysfs and bpffs) and a UTS namespace kept by handle files.
 Nothing is created in the root network namespace; in the root mount namespace only the netns
 files in /run/netns and the mounts below the lab's state directory.
@@ -267,10 +267,15 @@ def etc_hosts(topo, host):
     return "\n".join(lines) + "\n"
 
 
+# Directories each host sees through its own overlay: configuration, state and logs of the
+# daemons it runs (/var/log too, or hosts running the same daemon would share a log file).
+OVERLAYS = (("/etc", "etc"), ("/var/lib", "varlib"), ("/var/log", "varlog"))
+
+
 def _prepare_host_files(lab, topo, host):
     ns = lab.netns(host.name)
     host_dir = lab.host_dir(ns)
-    for lower, layer in (("/etc", "etc"), ("/var/lib", "varlib")):
+    for lower, layer in OVERLAYS:
         lst = os.stat(lower)
         for part in ("upper", "work"):
             path = os.path.join(host_dir, layer, part)
@@ -311,8 +316,7 @@ def host_script(lab, host):
             "link set eth0 up",
             "route add %s via %s dev eth0" % (LAB_UNDERLAY, host.gateway),
             "EOF",
-            overlay("/etc", "etc"),
-            overlay("/var/lib", "varlib"),
+            *(overlay(lower, layer) for lower, layer in OVERLAYS),
             # drop this namespace's copies of netns files and other hosts' handles: they would keep
             # those namespaces alive after their own lab is torn down
             "umount -l /run/netns 2>/dev/null || true",

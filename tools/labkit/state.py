@@ -9,7 +9,7 @@ Everything a lab creates carries its prefix: network namespaces ``<prefix>-<host
     fabric.json           the segments the fabric/router were built for
     hosts/                a private bind mount of itself, holding per host:
       <netns>/mnt, uts    mount and UTS namespace handles (bind-mounted by unshare)
-      <netns>/etc/{upper,work}, varlib/{upper,work}   overlay layers for /etc and /var/lib
+      <netns>/etc/{upper,work}, varlib/, varlog/       overlay layers for /etc, /var/lib, /var/log
       <netns>/ready.json  the host record, written when the host is complete
     inventory/hosts.yml   the Ansible inventory
 """

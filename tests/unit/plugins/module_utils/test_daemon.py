@@ -53,6 +53,23 @@ def test_start_status_stop(spec):
     assert not stop_supervised(spec)
 
 
+def test_stop_stops_supervisor_too(spec):
+    pid = start_supervised(spec)
+    sup = supervised_status(spec)["supervisor_pid"]
+    assert sup and sup != pid
+    assert stop_supervised(spec)
+    time.sleep(1.5)  # longer than the supervisor's restart backoff
+    assert not supervised_status(spec)["running"]
+    for gone in (pid, sup):
+        assert not os.path.exists("/proc/%d" % gone) or open("/proc/%d/stat" % gone).read().split()[2] == "Z"
+
+
+def test_restart_is_not_needed_when_unchanged(spec):
+    start_supervised(spec)
+    status = supervised_status(spec)
+    assert status["supervisor_pid"] and status["fingerprint"] == spec.fingerprint()
+
+
 def test_program_restarted_after_crash(spec):
     pid = start_supervised(spec)
     os.kill(pid, signal.SIGKILL)
