@@ -139,11 +139,13 @@ def certificate_plan(mesh, pki_dir, domain=MESH_DOMAIN):
 def node_files(mesh, node_name, pki_dir, config_dir=CONFIG_DIR):
     """Which controller files a node gets, and the settings of its kvstore configs.
 
-    Returns ``{"copies": [{src, dest, mode, secret}], "local": {...}, "peers": [...],
-    "member": bool, "proxy": bool}``: ``copies`` are a kvstore member's etcd certificates;
-    ``local`` and each peer hold the Cilium etcd-config settings (name, endpoints,
-    trusted-ca-file, cert-file, key-file) and the controller files of their credentials
-    (ca_src, cert_src, key_src), which role ``mesh`` hands to ``mesh_join``.
+    Returns ``{"local": {...}, "peers": [...], "member": bool, "member_credentials": {...} or None,
+    "proxy": bool, "proxy_backends": [...]}``: ``local`` and each peer hold the Cilium etcd-config
+    settings (name, endpoints, trusted-ca-file, cert-file, key-file) and the controller files of
+    their credentials (ca_src, cert_src, key_src); ``member_credentials`` the controller files of
+    a kvstore member's etcd certificates. Role ``mesh`` reads them and hands them to ``mesh_join``.
+    ``proxy_backends`` are the cluster's etcd members as role ``kvstore_proxy`` wants them;
+    ``sources`` every controller file the node's credentials come from.
     """
     node = cluster = None
     for c in mesh["clusters"]:
@@ -183,26 +185,30 @@ def node_files(mesh, node_name, pki_dir, config_dir=CONFIG_DIR):
                 "key_src": os.path.join(src, "remote-%s.key" % name),
             }
         )
-    member = node["name"] in cluster["kvstore_members"]
-    copies = []
-    if member:
-        etcd_dir = os.path.join(config_dir, ETCD_DIR)
-        for stem, dest_stem, secret in (
-            ("ca.crt", "ca.crt", False),
-            ("server-%s.crt" % node["name"], "server.crt", False),
-            ("server-%s.key" % node["name"], "server.key", True),
-            ("root.crt", "root.crt", False),
-            ("root.key", "root.key", True),
-        ):
-            copies.append({"src": os.path.join(own, stem), "dest": os.path.join(etcd_dir, dest_stem), "secret": secret})
-    for copy in copies:
-        copy["mode"] = "0600" if copy["secret"] else "0644"
+    member = None
+    if node["name"] in cluster["kvstore_members"]:
+        member = {
+            "ca_src": os.path.join(own, "ca.crt"),
+            "cert_src": os.path.join(own, "server-%s.crt" % node["name"]),
+            "key_src": os.path.join(own, "server-%s.key" % node["name"]),
+            "root_cert_src": os.path.join(own, "root.crt"),
+            "root_key_src": os.path.join(own, "root.key"),
+        }
+    sources = [local["ca_src"], local["cert_src"], local["key_src"]]
+    for peer in peers:
+        sources += [peer["ca_src"], peer["cert_src"], peer["key_src"]]
+    sources += sorted((member or {}).values())
     return {
         "cluster": name,
-        "copies": copies,
+        "sources": sources,
+        "proxy_backends": [
+            {"name": m["name"], "address": m["ip"], "port": KVSTORE_CLIENT_PORT, "check_port": KVSTORE_METRICS_PORT}
+            for m in member_nodes(cluster)
+        ],
         "local": local,
         "peers": peers,
-        "member": member,
+        "member": member is not None,
+        "member_credentials": member,
         "proxy": node["name"] in cluster["kvstore_proxies"],
     }
 
@@ -239,12 +245,41 @@ def _etcd_config_text(endpoints, ca_file, cert_file, key_file):
     return dump_etcd_config(config).encode()
 
 
-def join_file_plan(cluster, local, peers, config_dir=CONFIG_DIR):
+def _member_files(cluster, member, config_dir):
+    """A kvstore member's etcd certificates: server (also for peers) and root (for etcd_auth)."""
+    from .pki import PKIError, describe_certificate, verify_chain, verify_pair
+
+    etcd_dir = os.path.join(config_dir, ETCD_DIR)
+    what = "kvstore member of %s" % cluster
+    try:
+        for cert, key, label in (
+            (member["cert"], member["key"], "server"),
+            (member["root_cert"], member["root_key"], "root"),
+        ):
+            if not verify_pair(cert, key):
+                raise JoinError("%s: the %s private key does not belong to its certificate" % (what, label))
+            verify_chain(cert, member["ca"])
+        if describe_certificate(member["root_cert"])["common_name"] != "root":
+            raise JoinError("%s: the root client certificate's CN must be 'root'" % what)
+    except PKIError as exc:
+        raise JoinError("%s: %s" % (what, exc)) from None
+    return {
+        os.path.join(etcd_dir, "ca.crt"): (_pem(member["ca"]), 0o644),
+        os.path.join(etcd_dir, "server.crt"): (_pem(member["cert"]), 0o644),
+        os.path.join(etcd_dir, "server.key"): (_pem(member["key"]), 0o600),
+        os.path.join(etcd_dir, "root.crt"): (_pem(member["root_cert"]), 0o644),
+        os.path.join(etcd_dir, "root.key"): (_pem(member["root_key"]), 0o600),
+    }
+
+
+def join_file_plan(cluster, local, peers, config_dir=CONFIG_DIR, member=None):
     """``{path: (bytes, mode)}`` of every file the join owns on a node.
 
     ``local`` and each of ``peers`` hold ``endpoints`` and PEM ``ca``, ``cert``, ``key``; peers also
-    ``name``. Raises JoinError naming the first problem (own cluster as peer, duplicate peer, a
-    certificate that does not match its key or is not signed by the given CA).
+    ``name``. ``member`` (kvstore members only) holds PEM ``ca``, ``cert``, ``key`` (the etcd server
+    certificate) and ``root_cert``, ``root_key``. Raises JoinError naming the first problem (own
+    cluster as peer, duplicate peer, a certificate that does not match its key or is not signed by
+    the given CA).
     """
     from .mesh_model import cluster_name_error
 
@@ -266,6 +301,8 @@ def join_file_plan(cluster, local, peers, config_dir=CONFIG_DIR):
         plan[paths["ca"]] = (_pem(local["ca"]), 0o644)
         plan[paths["cert"]] = (_pem(local["cert"]), 0o644)
         plan[paths["key"]] = (_pem(local["key"]), 0o600)
+    if member:
+        plan.update(_member_files(cluster, member, config_dir))
     seen = set()
     clusters_dir = os.path.join(config_dir, CLUSTERS_DIR)
     for index, peer in enumerate(peers):

@@ -11,6 +11,7 @@ short_description: Write a node's kvstore configuration for its own cluster and 
 description:
   - Writes C(<config_dir>/kvstore.yaml), Cilium's etcd-config YAML for the node's own cluster (its etcd
     members, the cluster CA and the C(admin-<cluster>) client certificate in C(<config_dir>/pki/)).
+  - On kvstore members, writes the etcd certificates to C(<config_dir>/etcd/) (O(kvstore_member)).
   - Writes C(<config_dir>/clusters.d/<peer>) for each cluster this one connects to, in the same format
     (the peer's proxy endpoints), with C(<peer>.etcd-client-ca.crt), C(<peer>.etcd-client.crt) and
     C(<peer>.etcd-client.key) beside it, exactly as Cilium's clustermesh configuration directory.
@@ -49,6 +50,35 @@ options:
         type: str
         required: true
       key:
+        description: PEM of its private key.
+        type: str
+        required: true
+        no_log: true
+  kvstore_member:
+    description:
+      - Only on the cluster's kvstore members, the etcd certificates, written to C(<config_dir>/etcd/):
+        C(ca.crt), C(server.crt), C(server.key) (client and peer TLS) and C(root.crt), C(root.key)
+        (for C(clustermesh.core.etcd_auth)). Omit to leave that directory alone.
+    type: dict
+    suboptions:
+      ca:
+        description: PEM of the cluster CA.
+        type: str
+        required: true
+      cert:
+        description: PEM of the member's server certificate.
+        type: str
+        required: true
+      key:
+        description: PEM of its private key.
+        type: str
+        required: true
+        no_log: true
+      root_cert:
+        description: PEM of the C(root) client certificate.
+        type: str
+        required: true
+      root_key:
         description: PEM of its private key.
         type: str
         required: true
@@ -133,6 +163,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.clustermesh.core.plugins.module_utils.control_plane import (
     CLUSTERS_DIR,
+    ETCD_DIR,
     LOCAL_PKI_DIR,
     JoinError,
     join_file_plan,
@@ -165,6 +196,16 @@ def main():
             cluster=dict(type="str", required=True),
             config_dir=dict(type="path", default="/etc/clustermesh"),
             local=dict(type="dict", options=_CREDENTIALS),
+            kvstore_member=dict(
+                type="dict",
+                options=dict(
+                    ca=dict(type="str", required=True),
+                    cert=dict(type="str", required=True),
+                    key=dict(type="str", required=True, no_log=True),
+                    root_cert=dict(type="str", required=True),
+                    root_key=dict(type="str", required=True, no_log=True),
+                ),
+            ),
             peers=dict(
                 type="list",
                 elements="dict",
@@ -177,7 +218,7 @@ def main():
     p = module.params
     config_dir = p["config_dir"]
     try:
-        plan = join_file_plan(p["cluster"], p["local"], p["peers"], config_dir)
+        plan = join_file_plan(p["cluster"], p["local"], p["peers"], config_dir, member=p["kvstore_member"])
     except JoinError as exc:
         module.fail_json(msg=str(exc))
     changed_paths = [path for path, (data, mode) in sorted(plan.items()) if file_differs(path, data, mode)]
@@ -206,6 +247,8 @@ def main():
         ensure_dir(os.path.join(config_dir, CLUSTERS_DIR), 0o700)
         if p["local"]:
             ensure_dir(os.path.join(config_dir, LOCAL_PKI_DIR), 0o700)
+        if p["kvstore_member"]:
+            ensure_dir(os.path.join(config_dir, ETCD_DIR), 0o700)
         # Credentials before the configuration that points at them, so a reader never sees a
         # configuration whose files are missing.
         for path in sorted(changed_paths, key=lambda x: (not x.endswith((".crt", ".key")), x)):

@@ -67,16 +67,16 @@ def test_certificate_plan(mesh):
 def test_node_files(mesh):
     files = cp.node_files(mesh, "c1-n1", "/pki")
     assert files["member"] and files["proxy"]
+    assert files["proxy_backends"] == [{"name": "c1-n1", "address": "198.18.1.11", "port": 2379, "check_port": 2381}]
     assert files["local"]["endpoints"] == ["https://198.18.1.11:2379"]
     assert files["local"]["cert-file"] == "/etc/clustermesh/pki/admin.crt"
     peers = {p["name"]: p for p in files["peers"]}
     assert set(peers) == {"cluster2"}  # cluster1 connects to cluster2 only
     assert peers["cluster2"]["cert_src"] == "/pki/cluster2/remote-cluster1.crt"
     assert peers["cluster2"]["endpoints"] == ["https://198.18.2.11:32379"]
-    keys = [c for c in files["copies"] if c["secret"]]
-    assert {c["dest"] for c in keys} == {"/etc/clustermesh/etcd/server.key", "/etc/clustermesh/etcd/root.key"}
-    assert all(c["mode"] == "0600" for c in keys)
-    assert cp.node_files(mesh, "c1-n2", "/pki")["copies"] == []  # not a member: no etcd certificates
+    assert files["member_credentials"]["cert_src"] == "/pki/cluster1/server-c1-n1.crt"
+    assert files["member_credentials"]["root_key_src"] == "/pki/cluster1/root.key"
+    assert cp.node_files(mesh, "c1-n2", "/pki")["member_credentials"] is None  # not a member
     tenant = cp.node_files(mesh, "t-n1", "/pki")
     assert [p["name"] for p in tenant["peers"]] == ["cluster1"]
     assert tenant["peers"][0]["cert_src"] == "/pki/cluster1/remote-tenant.crt"

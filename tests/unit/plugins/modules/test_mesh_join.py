@@ -122,3 +122,33 @@ def test_bad_input_writes_nothing(tmp_path, cas, capsys, mutate, message):
     assert message in result["msg"]
     assert os.listdir(tmp_path) == []
     assert "PRIVATE KEY" not in out
+
+
+def _member(ca, root_cn="root"):
+    server = issue_leaf(
+        "server", "c1-n1", ca_cert_pem=ca.cert_pem, ca_key_pem=ca.key_pem, subject_alt_names=["IP:198.18.1.11"]
+    )
+    root = issue_leaf("client", root_cn, ca_cert_pem=ca.cert_pem, ca_key_pem=ca.key_pem)
+    return {
+        "ca": ca.cert_pem.decode(),
+        "cert": server.cert_pem.decode(),
+        "key": server.key_pem.decode(),
+        "root_cert": root.cert_pem.decode(),
+        "root_key": root.key_pem.decode(),
+    }
+
+
+def test_kvstore_member_certificates(tmp_path, cas, capsys):
+    code, result, out = run(args(tmp_path, cas, kvstore_member=_member(cas["cluster1"])), capsys)
+    assert code == 0 and result["changed"]
+    etcd = tmp_path / "etcd"
+    assert sorted(os.listdir(etcd)) == ["ca.crt", "root.crt", "root.key", "server.crt", "server.key"]
+    assert oct(os.stat(etcd).st_mode & 0o777) == "0o700"
+    assert oct(os.stat(etcd / "server.key").st_mode & 0o777) == "0o600"
+    assert "PRIVATE KEY" not in out
+
+
+def test_kvstore_member_with_wrong_root_cn_writes_nothing(tmp_path, cas, capsys):
+    code, result, _ = run(args(tmp_path, cas, kvstore_member=_member(cas["cluster1"], root_cn="admin")), capsys)
+    assert code == 1 and "CN must be 'root'" in result["msg"]
+    assert os.listdir(tmp_path) == []
