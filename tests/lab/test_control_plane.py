@@ -227,7 +227,7 @@ def test_onboarding_and_removing_a_third_cluster(converged, tmp_path):
 
     joined = playbook(PREFIX, SITE)
     allowed = {
-        "clustermesh.core.mesh : Write kvstore.yaml and clusters.d",
+        "clustermesh.core.mesh : Write kvstore.yaml, clusters.d and the member's etcd certificates",
         "clustermesh.core.kvstore : Reconcile etcd users and roles, enable auth",
     }
     for host in ("c1-n1", "c1-n2", "c2-n1", "c2-n2"):

@@ -329,6 +329,6 @@ def test_module_end_to_end(mesh, tmp_path):
 
     # bad options fail with a message naming them
     code, result, out = run_module({"config_dir": str(config_dir), "expected": {"Cluster1": 1}})
-    assert code != 0 and "expected: 'Cluster1'" in result["msg"]
+    assert code != 0 and "expected: cluster name 'Cluster1' is invalid" in result["msg"]
     code, result, out = run_module({"config_dir": str(config_dir), "timeout": 0})
     assert code != 0 and "timeout" in result["msg"]

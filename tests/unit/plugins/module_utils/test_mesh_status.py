@@ -267,9 +267,9 @@ def test_format_table_aligns_columns():
     rows = [M.row("c1-n1", result()), M.row("c2-node-long", result(name="cluster1", local=True, read_only=None))]
     lines = M.format_table(rows)
     assert len(lines) == 3
-    assert lines[0].split() == [title for _, title in M.TABLE_COLUMNS]
+    assert lines[0].split() == list(M.TABLE_COLUMNS.values())
     # every column starts at the same offset on every line
-    starts = [lines[0].index(title) for _, title in M.TABLE_COLUMNS]
+    starts = [lines[0].index(title) for title in M.TABLE_COLUMNS.values()]
     for line in lines[1:]:
         assert line[starts[1] - 2 : starts[1]] == "  "
         assert line[starts[1] :].startswith(("cluster2", "cluster1"))
@@ -278,7 +278,7 @@ def test_format_table_aligns_columns():
 
 def test_failed_node_row():
     r = M.failed_node_row("c2-n2", "host unreachable")
-    assert set(r) == {key for key, _ in M.TABLE_COLUMNS}
+    assert set(r) == set(M.TABLE_COLUMNS)
     assert (r["node"], r["status"], r["error"]) == ("c2-n2", "FAIL", "host unreachable")
     assert M.format_table([r])[1].startswith("c2-n2")
 
