@@ -37,8 +37,10 @@ from urllib.parse import urlsplit
 
 from . import kvstore_layout as layout
 from .control_plane import CLUSTERS_DIR, CONFIG_DIR, KVSTORE_CONFIG
-from .kvstore_client import KVStoreClient, KVStoreError, KVStorePermissionDenied, certificate_common_name
-from .kvstore_config import KVStoreConfigError, load_etcd_config
+
+# The etcd client (grpcio, etcd-sdk-python) and the config reader (PyYAML) are imported where they
+# are used, so that the pure parts (classification, heartbeat, table) work without them;
+# missing_requirements() says what is missing.
 
 DEFAULT_TIMEOUT = 5.0
 PROBE_PREFIX = layout.STATE_PREFIX + "clustermesh-readonly-probe/"
@@ -51,18 +53,19 @@ HEARTBEAT_STALE_AFTER = 180.0
 _ADMIN_CN = re.compile(r"^admin-(.+)$")
 _REMOTE_CN = re.compile(r"^remote-(.+)$")
 
-TABLE_COLUMNS = (
-    ("node", "NODE"),
-    ("cluster", "CLUSTER"),
-    ("role", "ROLE"),
-    ("reachable", "REACHABLE"),
-    ("cluster_id", "ID"),
-    ("heartbeat", "HEARTBEAT"),
-    ("read_only", "READ-ONLY"),
-    ("keys", "KEYS"),
-    ("status", "STATUS"),
-    ("error", "ERROR"),
-)
+# row key -> column title, in table order
+TABLE_COLUMNS = {
+    "node": "NODE",
+    "cluster": "CLUSTER",
+    "role": "ROLE",
+    "reachable": "REACHABLE",
+    "cluster_id": "ID",
+    "heartbeat": "HEARTBEAT",
+    "read_only": "READ-ONLY",
+    "keys": "KEYS",
+    "status": "STATUS",
+    "error": "ERROR",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +318,7 @@ def probe_endpoint(
     except ssl.SSLCertVerificationError as exc:
         out.update(reachable=True, error=f"server certificate rejected: {exc.verify_message or exc}")
         try:
-            _, der, version = handshake(trusting)
+            der, version = handshake(trusting)[1:]
         except OSError:  # includes ssl.SSLError
             return out
         out.update(tls_version=version, certificate=describe_peer_certificate(None, der))
@@ -412,8 +415,19 @@ def _server(probe: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def missing_requirements() -> str | None:
+    """None when the etcd client can be imported, else the import error."""
+    try:
+        from . import kvstore_client, kvstore_config  # noqa: F401
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
 def _connect(config, candidates: list[str], timeout: float, client_factory):
     """The first candidate endpoint whose etcd answers Status: (client, endpoint, status, errors)."""
+    from .kvstore_client import KVStoreError, KVStorePermissionDenied
+
     errors = []
     for url in candidates:
         client = client_factory(config, endpoints=[url], timeout=timeout, connect_timeout=timeout)
@@ -450,6 +464,9 @@ def check_cluster(
     maps cluster names to the cluster IDs they must have.  Never raises for a problem of the
     cluster: it lands in ``error`` and ``problems`` (``ok`` is True when there is none).
     """
+    from .kvstore_client import KVStoreClient, KVStoreError, certificate_common_name
+    from .kvstore_config import KVStoreConfigError, load_etcd_config
+
     client_factory = client_factory or KVStoreClient.from_config
     result = empty_result(name, path, local)
     problems = result["problems"]
@@ -577,6 +594,8 @@ def check_cluster(
 
 
 def _verify_read_only(client, key: str, result: dict[str, Any]) -> None:
+    from .kvstore_client import KVStoreError, KVStorePermissionDenied
+
     problems = result["problems"]
     value = layout.encode_timestamp()
     try:
@@ -611,6 +630,8 @@ def _verify_read_only(client, key: str, result: dict[str, Any]) -> None:
 
 def _key_counts(client, cluster: str | None, problems: list[str]) -> dict[str, int | None] | None:
     """Counts per kind under cilium/state/; kinds the user may not list are None."""
+    from .kvstore_client import KVStoreError, KVStorePermissionDenied
+
     try:
         listing = client.get_prefix(layout.STATE_PREFIX, keys_only=True, page_size=LIST_PAGE_SIZE)
         return count_keys((kv.key for kv in listing), cluster)
@@ -746,15 +767,15 @@ def row(node: str, result: dict[str, Any]) -> dict[str, str]:
 
 def failed_node_row(node: str, message: str) -> dict[str, str]:
     """The row of a node where the module could not run at all."""
-    cells = {key: "-" for key, _ in TABLE_COLUMNS}
+    cells = dict.fromkeys(TABLE_COLUMNS, "-")
     cells.update(node=node, cluster="?", status="FAIL", error=message or "no result")
     return cells
 
 
 def format_table(rows: list[dict[str, str]]) -> list[str]:
     """Aligned lines: a header, then one line per row (the last column is not padded)."""
-    header = {key: title for key, title in TABLE_COLUMNS}
-    keys = [key for key, _ in TABLE_COLUMNS]
+    header = dict(TABLE_COLUMNS)
+    keys = list(TABLE_COLUMNS)
     widths = {key: max(len(str(r.get(key, ""))) for r in [header, *rows]) for key in keys}
     lines = []
     for r in [header, *rows]:

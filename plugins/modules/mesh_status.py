@@ -36,9 +36,6 @@ description:
 version_added: 0.1.0
 author:
   - clustermesh.core developers (@clustermesh)
-requirements:
-  - the node's clustermesh files, as written by role C(clustermesh.core.mesh) (module
-    M(clustermesh.core.mesh_join))
 options:
   config_dir:
     description: The node's clustermesh directory, holding C(kvstore.yaml) and C(clusters.d/).
@@ -69,15 +66,19 @@ options:
       - Name of this node in RV(rows) and in the probe key C(cilium/state/clustermesh-readonly-probe/<node_name>).
       - Default - the host name. C(playbooks/status.yml) passes the inventory host name.
     type: str
+requirements:
+  - grpcio, etcd-sdk-python and PyYAML (the etcd client) on the node
 attributes:
   check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
     details: The checks run in check mode too, the read-only write probe included (see above).
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
 notes:
-  - RV(changed) is always false - the probe write is denied, and a probe that was accepted is deleted
-    again (reported loudly). Only if that delete fails is RV(changed) true; the warning names the key.
+  - C(changed) is always false - the probe write is denied, and a probe that was accepted is deleted
+    again (reported loudly). Only if that delete fails is C(changed) true; the warning names the key.
 seealso:
   - module: clustermesh.core.mesh_join
   - module: clustermesh.core.etcd_auth
@@ -104,8 +105,9 @@ EXAMPLES = r"""
 
 RETURN = r"""
 ok:
-  description: True when every cluster is reachable, every remote cluster refused the probe write and
-    no cluster has a problem (RV(clusters[].problems) is empty everywhere).
+  description: True when every cluster is reachable, every remote cluster refused the probe write (unless
+    O(verify_read_only=false)) and no cluster has a problem (RV(clusters[].problems) is empty everywhere;
+    an unreachable endpoint of a cluster that answers through another one is a problem too).
   returned: always
   type: bool
   sample: true
@@ -229,14 +231,26 @@ table:
   elements: str
 """
 
-from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.clustermesh.core.plugins.module_utils.mesh_model import cluster_name_error
+from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_layout import (
+    KeyLayoutError,
+    validate_cluster_name,
+)
 from ansible_collections.clustermesh.core.plugins.module_utils.mesh_status import (
     format_table,
     mesh_status,
+    missing_requirements,
     row,
 )
+
+
+def cluster_name_error(name):
+    try:
+        validate_cluster_name(name)
+    except KeyLayoutError as exc:
+        return str(exc)
+    return None
 
 
 def main():
@@ -252,15 +266,20 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    missing = missing_requirements()
+    if missing:
+        module.fail_json(
+            msg=missing_required_lib("grpcio, etcd-sdk-python and PyYAML (the etcd client)"), exception=missing
+        )
     if p["timeout"] <= 0:
         module.fail_json(msg="timeout: must be a positive number of seconds, got %s" % p["timeout"])
     if p["cluster"] is not None and cluster_name_error(p["cluster"]):
-        module.fail_json(msg="cluster: %r %s" % (p["cluster"], cluster_name_error(p["cluster"])))
+        module.fail_json(msg="cluster: %s" % cluster_name_error(p["cluster"]))
     expected = {}
     for name, value in (p["expected"] or {}).items():
         error = cluster_name_error(name)
         if error:
-            module.fail_json(msg="expected: %r %s" % (name, error))
+            module.fail_json(msg="expected: %s" % error)
         try:
             expected[name] = int(value)
         except (TypeError, ValueError):
