@@ -361,7 +361,7 @@ class EtcdServer:
             command_timeout,
             *args,
         ]
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, input=input_text, timeout=30)
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, input=input_text, timeout=30, check=False)
         if check and result.returncode != 0:
             raise RuntimeError(f"etcdctl {' '.join(args)} failed: {result.stderr.strip() or result.stdout.strip()}")
         return result
@@ -448,7 +448,7 @@ class TCPProxy:
                 time.sleep(0.05)
                 continue
             try:
-                client, _ = listener.accept()
+                client, unused = listener.accept()
             except (TimeoutError, OSError):
                 continue
             if self._blocked.is_set():
@@ -471,7 +471,7 @@ class TCPProxy:
                 if src in self._frozen:
                     time.sleep(0.1)
                     continue
-                ready, _, _ = select.select([src], [], [], 0.1)
+                ready = select.select([src], [], [], 0.1)[0]
                 if not ready:
                     continue
                 data = src.recv(65536)

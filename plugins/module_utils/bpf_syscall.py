@@ -208,7 +208,7 @@ class BpfError(OSError):
         super().__init__(err, text)
 
     def __str__(self):
-        return self.strerror
+        return str(self.strerror)
 
 
 _LIBC = None

@@ -481,7 +481,7 @@ def combine_esp(variants):
 
 def probe_esp(scratch=None):
     ip = find_binary("ip")
-    names = ["esp"] + [name for name, *_ in ESP_VARIANTS]
+    names = ["esp"] + [name for name, *unused in ESP_VARIANTS]
     if not ip:
         return {name: feature(False, "ip binary not found (Debian package iproute2)") for name in names}
     variants = {}
@@ -568,7 +568,7 @@ def _read_until_eof(fd, deadline):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
-        ready, _, _ = select.select([fd], [], [], remaining)
+        ready = select.select([fd], [], [], remaining)[0]
         if not ready:
             continue
         chunk = os.read(fd, 65536)
@@ -630,7 +630,7 @@ def call_in_scratch_netns(func, timeout=DEFAULT_TIMEOUT):
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    _, status = os.waitpid(pid, 0)
+    unused, status = os.waitpid(pid, 0)
     if data is None:
         raise ProbeError(f"probe process timed out after {timeout:g}s")
     try:

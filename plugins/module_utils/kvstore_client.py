@@ -42,8 +42,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import grpc
-from pyetcd import etcdrpc
+try:
+    import grpc
+    from pyetcd import etcdrpc
+except ImportError as exc:  # modules report it with missing_required_lib
+    grpc = etcdrpc = None
+    IMPORT_ERROR = exc
+else:
+    IMPORT_ERROR = None
 
 log = logging.getLogger(__name__)
 
@@ -537,7 +543,7 @@ class KVStoreClient:
                 remaining = timeout - (time.monotonic() - started)
                 retryable = all(
                     "failed to connect" in (err.details or "") and not isinstance(err, KVStoreTLSError)
-                    for _, err in failures.values()
+                    for unused, err in failures.values()
                 )
                 if not retryable or remaining < 0.05:
                     break
@@ -565,7 +571,7 @@ class KVStoreClient:
         if self._closed:
             raise KVStoreError(f"{op}: the kvstore client is closed")
         what = f"{op} {key!r}" if key is not None else op
-        errors = [err for _, err in failures.values()]
+        errors = [err for unused, err in failures.values()]
         causes = "; ".join(f"{ep.url}: {err.details or err}" for ep, err in failures.values())
         tls = bool(errors) and all(isinstance(err, KVStoreTLSError) for err in errors)
         hint = (
@@ -612,7 +618,7 @@ class KVStoreClient:
         ``page_size`` > 0 reads in pages pinned to the revision of the first page, so each
         response stays small; a compaction in between restarts the listing once.
         """
-        listing, _ = self._list(prefix, keys_only=keys_only, page_size=page_size, revision=revision)
+        listing, unused = self._list(prefix, keys_only=keys_only, page_size=page_size, revision=revision)
         return listing
 
     def _list(
@@ -626,7 +632,7 @@ class KVStoreClient:
     ) -> tuple[PrefixListing, int]:
         start = _key_bytes(prefix)
         end = prefix_range_end(start)
-        for _ in range(3):
+        for _unused in range(3):
             kvs: list[KV] = []
             pinned = revision or 0
             cursor = start
@@ -700,7 +706,7 @@ class KVStoreClient:
                 create_revision=0,
             )
         ]
-        ok, _ = self._txn(compare, [self._put_op(key, value, lease)], [], op="put_if_absent", key=key)
+        ok, unused = self._txn(compare, [self._put_op(key, value, lease)], [], op="put_if_absent", key=key)
         return ok
 
     def put_if_mod_revision(
@@ -716,7 +722,7 @@ class KVStoreClient:
                 mod_revision=mod_revision,
             )
         ]
-        ok, _ = self._txn(compare, [self._put_op(key, value, lease)], [], op="put_if_mod_revision", key=key)
+        ok, unused = self._txn(compare, [self._put_op(key, value, lease)], [], op="put_if_mod_revision", key=key)
         return ok
 
     def delete_if_mod_revision(self, key: str, mod_revision: int) -> bool:
@@ -730,7 +736,7 @@ class KVStoreClient:
             )
         ]
         success = [etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=_key_bytes(key)))]
-        ok, _ = self._txn(compare, success, [], op="delete_if_mod_revision", key=key)
+        ok, unused = self._txn(compare, success, [], op="delete_if_mod_revision", key=key)
         return ok
 
     def compact(self, revision: int, *, physical: bool = False) -> None:

@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
+try:
+    import yaml
+except ImportError as exc:  # modules report it with missing_required_lib
+    yaml = None
+    IMPORT_ERROR = exc
+else:
+    IMPORT_ERROR = None
 
 KNOWN_KEYS = ("endpoints", "trusted-ca-file", "key-file", "cert-file")
 _SCHEMES = ("https", "http")

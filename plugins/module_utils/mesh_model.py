@@ -22,7 +22,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from netaddr import AddrFormatError, IPAddress, IPNetwork
+try:
+    from netaddr import AddrFormatError, IPAddress, IPNetwork
+except ImportError as exc:  # modules report it with missing_required_lib
+    AddrFormatError = IPAddress = IPNetwork = None
+    IMPORT_ERROR = exc
+else:
+    IMPORT_ERROR = None
 
 __all__ = [
     "CLUSTER_NAME_MAX_LENGTH",
@@ -918,7 +924,7 @@ class _Validator:
             if not needing:
                 continue
             prefix = NODE_POD_CIDR_PREFIX[version]
-            nets, free = _allocate(cnet, prefix, len(needing), [g for _, g in given])
+            nets, free = _allocate(cnet, prefix, len(needing), [g for unused, g in given])
             if len(nets) < len(needing):
                 by_hand = f" besides the {len(given)} given per node" if given else ""
                 self.add(
@@ -1153,7 +1159,7 @@ def clusters_from_inventory(hostvars: Mapping, groups: Mapping, mesh_group: str 
     INVENTORY_NODE_VARS are read (``hostvars`` may be lazy).  Raises :class:`MeshValidationError`
     when the inventory cannot be turned into clusters.
     """
-    clusters, problems, _ = _clusters_from_inventory(hostvars, groups, mesh_group)
+    clusters, problems, unused = _clusters_from_inventory(hostvars, groups, mesh_group)
     if problems:
         raise MeshValidationError(problems)
     return clusters

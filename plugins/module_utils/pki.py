@@ -37,11 +37,18 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+try:
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+except ImportError as exc:  # modules report it with missing_required_lib
+    x509 = InvalidSignature = UnsupportedAlgorithm = hashes = serialization = None
+    ec = ed448 = ed25519 = rsa = ExtendedKeyUsageOID = NameOID = None
+    IMPORT_ERROR = exc
+else:
+    IMPORT_ERROR = None
 
 KINDS = ("ca", "server", "client")
 KEY_TYPES = ("ec256", "rsa2048")
@@ -59,18 +66,19 @@ CERT_DIR_MODE = 0o755
 
 REASON_NOT_SIGNED_BY_CA = "not signed by the current CA"
 
-_EKU_NAMES = {
-    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
-    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
-    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
-    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
-    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
-    ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
-}
-_KIND_EKUS = {
-    "server": frozenset({ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}),
-    "client": frozenset({ExtendedKeyUsageOID.CLIENT_AUTH}),
-}
+if IMPORT_ERROR is None:
+    _EKU_NAMES = {
+        ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+        ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+        ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
+        ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
+        ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
+        ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
+    }
+    _KIND_EKUS = {
+        "server": frozenset({ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}),
+        "client": frozenset({ExtendedKeyUsageOID.CLIENT_AUTH}),
+    }
 _EC_CURVE_NAMES = {"secp256r1": "ec256", "secp384r1": "ec384", "secp521r1": "ec521"}
 _DNS_RE = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$")
 
@@ -307,7 +315,7 @@ def normalize_subject_alt_names(names) -> list[str]:
 def _general_names(normalized: list[str]) -> list[x509.GeneralName]:
     out: list[x509.GeneralName] = []
     for entry in normalized:
-        kind, _, value = entry.partition(":")
+        kind, unused, value = entry.partition(":")
         if kind == "DNS":
             out.append(x509.DNSName(value))
         else:
@@ -394,7 +402,7 @@ def verify_chain(
     leaf, intermediates = chain[0], chain[1:]
     path = [leaf]
     current = leaf
-    for _ in range(max_depth):
+    for _unused in range(max_depth):
         _check_time(current, now)
         anchor = next((a for a in anchors if signed_by_problem(current, a) is None), None)
         if anchor is not None:

@@ -17,6 +17,8 @@ description:
   - A running daemon whose command line or environment differs from the requested one is restarted.
 version_added: 0.1.0
 author: clustermesh.core developers (@clustermesh)
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 options:
   name:
     description: Short name of the daemon (file-name safe), for example C(etcd) or C(haproxy).
@@ -60,6 +62,8 @@ options:
     type: float
     default: 10
 attributes:
+  platform:
+    platforms: posix
   check_mode:
     support: full
   diff_mode:

@@ -16,12 +16,13 @@ description:
     C(cilium/synced/<cluster>/). Permissions of these roles are made exactly that.
   - Removes users named C(remote-*) or C(admin-*) that are no longer wanted (a peer that left); other
     users are left alone. Enables auth when it is off.
-  - Connect as C(root) (a certificate with CN C(root)): before auth is enabled any certificate works,
+  - Connect as C(root) (a certificate with CN C(root)); before auth is enabled any certificate works,
     after it only root may administer.
 version_added: 0.1.0
 author:
   - clustermesh.core developers (@clustermesh)
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - clustermesh.core.kvstore
 options:
   cluster:
@@ -34,6 +35,8 @@ options:
     elements: str
     default: []
 attributes:
+  platform:
+    platforms: posix
   check_mode:
     support: full
   diff_mode:
@@ -62,6 +65,7 @@ changes:
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.clustermesh.core.plugins.module_utils import kvstore_client, kvstore_config
 from ansible_collections.clustermesh.core.plugins.module_utils.etcd_auth import desired_auth, reconcile_auth
 from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_client import KVStoreError
 from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_connection import (
@@ -71,6 +75,7 @@ from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_connectio
     client_from_params,
 )
 from ansible_collections.clustermesh.core.plugins.module_utils.mesh_model import cluster_name_error
+from ansible_collections.clustermesh.core.plugins.module_utils.requirements import missing_requirements
 
 
 def main():
@@ -84,6 +89,9 @@ def main():
         required_one_of=CONNECTION_REQUIRED_ONE_OF,
         supports_check_mode=True,
     )
+    missing = missing_requirements(kvstore_client, kvstore_config)
+    if missing:
+        module.fail_json(msg=missing)
     p = module.params
     for field, name in [("cluster", p["cluster"])] + [("remote_clusters", n) for n in p["remote_clusters"]]:
         error = cluster_name_error(name)

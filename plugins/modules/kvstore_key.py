@@ -16,6 +16,7 @@ version_added: 0.1.0
 author:
   - clustermesh.core developers (@clustermesh)
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - clustermesh.core.kvstore
 options:
   key:
@@ -46,6 +47,8 @@ options:
     choices: [present, absent]
     default: present
 attributes:
+  platform:
+    platforms: posix
   check_mode:
     support: full
   diff_mode:
@@ -71,6 +74,7 @@ import json
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.clustermesh.core.plugins.module_utils import kvstore_client, kvstore_config
 from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_client import KVStoreError
 from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_connection import (
     CONNECTION_ARGUMENT_SPEC,
@@ -83,6 +87,7 @@ from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_layout im
     cluster_config_key,
     encode_cluster_config,
 )
+from ansible_collections.clustermesh.core.plugins.module_utils.requirements import missing_requirements
 
 
 def main():
@@ -105,6 +110,9 @@ def main():
         required_one_of=CONNECTION_REQUIRED_ONE_OF + [("key", "cluster_config")],
         supports_check_mode=True,
     )
+    missing = missing_requirements(kvstore_client, kvstore_config)
+    if missing:
+        module.fail_json(msg=missing)
     p = module.params
     try:
         if p["cluster_config"]:

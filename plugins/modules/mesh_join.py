@@ -17,12 +17,14 @@ description:
     C(<peer>.etcd-client.key) beside it, exactly as Cilium's clustermesh configuration directory.
   - Removes the files of clusters no longer listed. Files in C(clusters.d) that do not follow this
     naming are left alone.
-  - Every certificate is checked before anything is written: it must match its key, be signed by the
+  - Every certificate is checked before anything is written; it must match its key, be signed by the
     given CA, and carry the expected user (C(admin-<cluster>) locally, C(remote-<cluster>) for peers).
     On any problem nothing is written.
 version_added: 0.1.0
 author:
   - clustermesh.core developers (@clustermesh)
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 options:
   cluster:
     description: Name of the node's own cluster.
@@ -53,10 +55,9 @@ options:
         description: PEM of its private key.
         type: str
         required: true
-        no_log: true
   kvstore_member:
     description:
-      - Only on the cluster's kvstore members, the etcd certificates, written to C(<config_dir>/etcd/):
+      - Only on the cluster's kvstore members, the etcd certificates, written to C(<config_dir>/etcd/),
         C(ca.crt), C(server.crt), C(server.key) (client and peer TLS) and C(root.crt), C(root.key)
         (for C(clustermesh.core.etcd_auth)). Omit to leave that directory alone.
     type: dict
@@ -73,7 +74,6 @@ options:
         description: PEM of its private key.
         type: str
         required: true
-        no_log: true
       root_cert:
         description: PEM of the C(root) client certificate.
         type: str
@@ -82,7 +82,6 @@ options:
         description: PEM of its private key.
         type: str
         required: true
-        no_log: true
   peers:
     description: The clusters this one connects to.
     type: list
@@ -110,8 +109,9 @@ options:
         description: PEM of its private key.
         type: str
         required: true
-        no_log: true
 attributes:
+  platform:
+    platforms: posix
   check_mode:
     support: full
   diff_mode:
@@ -161,6 +161,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.clustermesh.core.plugins.module_utils import kvstore_config, mesh_model, pki
 from ansible_collections.clustermesh.core.plugins.module_utils.control_plane import (
     CLUSTERS_DIR,
     ETCD_DIR,
@@ -175,6 +176,7 @@ from ansible_collections.clustermesh.core.plugins.module_utils.files import (
     file_differs,
     read_bytes,
 )
+from ansible_collections.clustermesh.core.plugins.module_utils.requirements import missing_requirements
 
 _CREDENTIALS = dict(
     endpoints=dict(type="list", elements="str", required=True),
@@ -215,6 +217,9 @@ def main():
         ),
         supports_check_mode=True,
     )
+    missing = missing_requirements(kvstore_config, mesh_model, pki)
+    if missing:
+        module.fail_json(msg=missing)
     p = module.params
     config_dir = p["config_dir"]
     try:

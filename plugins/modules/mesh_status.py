@@ -36,6 +36,8 @@ description:
 version_added: 0.1.0
 author:
   - clustermesh.core developers (@clustermesh)
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 options:
   config_dir:
     description: The node's clustermesh directory, holding C(kvstore.yaml) and C(clusters.d/).
@@ -69,6 +71,8 @@ options:
 requirements:
   - grpcio, etcd-sdk-python and PyYAML (the etcd client) on the node
 attributes:
+  platform:
+    platforms: posix
   check_mode:
     description: Can run in check mode and return changed status prediction without modifying target.
     support: full

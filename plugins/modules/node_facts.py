@@ -24,6 +24,8 @@ description:
     binaries for the ESP and nftables probes.
 author:
   - clustermesh.core developers (@clustermesh)
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 options:
   probes:
     description:
@@ -63,6 +65,8 @@ notes:
   - Supports check mode; the module changes nothing either way.
   - The ESP keys are all zeros and never appear in the output.
 attributes:
+  platform:
+    platforms: posix
   check_mode:
     support: full
     description: The module never changes the host, so check mode runs the same probes.

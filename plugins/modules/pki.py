@@ -129,9 +129,11 @@ attributes:
   platform:
     platforms: posix
   safe_file_operations:
+    description: Uses Ansible's strict file operation functions to ensure proper permissions and avoid data corruption.
     support: partial
     details: Writes atomically with its own temporary-file-and-rename code, then applies owner/group/mode/SELinux.
   vault:
+    description: Can automatically decrypt Ansible vaulted files.
     support: none
 notes:
   - Rerunning the CA task with a new CA (new key or new name) makes each leaf task reissue its certificate
@@ -201,7 +203,7 @@ fingerprint:
   type: str
   sample: 3f2a0c9d5e4b1a7f3f2a0c9d5e4b1a7f3f2a0c9d5e4b1a7f3f2a0c9d5e4b1a7f
 serial:
-  description: Serial number, lower-case hex. V(null) when O(fingerprint) is.
+  description: Serial number, lower-case hex. V(null) when RV(fingerprint) is.
   returned: always
   type: str
   sample: 5c1d0e2f3a4b
@@ -259,6 +261,7 @@ import pwd
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.clustermesh.core.plugins.module_utils import pki as pki_lib
 from ansible_collections.clustermesh.core.plugins.module_utils.pki import (
     CERT_DIR_MODE,
     CERT_FILE_MODE,
@@ -281,6 +284,7 @@ from ansible_collections.clustermesh.core.plugins.module_utils.pki import (
     summarize_certificate,
     write_file_atomic,
 )
+from ansible_collections.clustermesh.core.plugins.module_utils.requirements import missing_requirements
 
 _RESULT_FIELDS = (
     "fingerprint",
@@ -577,6 +581,9 @@ def main():
         supports_check_mode=True,
         required_if=[("state", "present", ("common_name",))],
     )
+    missing = missing_requirements(pki_lib)
+    if missing:
+        module.fail_json(msg=missing)
     sans, valid_days = _validate(module)
     result = _absent(module) if module.params["state"] == "absent" else _present(module, sans, valid_days)
     module.exit_json(**result)

@@ -18,7 +18,12 @@ PYTHON = os.path.join(REPO_ROOT, ".venv", "bin", "python")
 
 def lab(*args, prefix, check=True, timeout=180, input=None):
     proc = subprocess.run(
-        [LAB, args[0], "--prefix", prefix, *args[1:]], capture_output=True, text=True, timeout=timeout, input=input
+        [LAB, args[0], "--prefix", prefix, *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        check=False,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -77,7 +82,7 @@ def playbook(prefix, playbook_path, *extra, inventory=None, check=True, timeout=
         PATH=BIN + os.pathsep + os.environ.get("PATH", ""),
     )
     cmd = [os.path.join(BIN, "ansible-playbook"), "-i", inventory or inventory_path(prefix), playbook_path, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout, check=False)
     output = proc.stdout + proc.stderr
     changed, task = [], None
     for line in proc.stdout.splitlines():

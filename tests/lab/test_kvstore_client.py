@@ -359,7 +359,7 @@ def test_watch_survives_etcd_restart(etcd):
         col = Collector(c.watch_prefix("cm/", backoff_initial=0.1, backoff_max=0.5, on_error=errors.append))
         assert [e.key for e in col.next().events] == ["cm/k0"]
         c.put("cm/k1", "before-kill")
-        events, _ = col.events_until(lambda ev: len(ev) >= 1)
+        events, unused = col.events_until(lambda ev: len(ev) >= 1)
         assert events[0].key == "cm/k1"
         etcd.restart(hard=True)
         expected = []
@@ -431,7 +431,7 @@ def test_watch_relists_after_compaction(shared_etcd):
         assert col.watcher.relists == 1
         # and it keeps watching afterwards
         direct.put(p + "after", "1")
-        events, _ = col.events_until(lambda ev: len(ev) >= 1)
+        events, unused = col.events_until(lambda ev: len(ev) >= 1)
         assert (events[0].type, events[0].key) == (EVENT_PUT, p + "after")
         col.stop()
     finally:
@@ -455,7 +455,7 @@ def test_watch_detects_half_open_connection(shared_etcd):
         proxy.freeze()
         start = time.monotonic()
         direct.put(p + "a", "1")
-        events, _ = col.events_until(lambda ev: len(ev) >= 1, timeout=15)
+        events, unused = col.events_until(lambda ev: len(ev) >= 1, timeout=15)
         assert events[0].key == p + "a"
         assert 1.0 < time.monotonic() - start < 12
         assert errors and isinstance(errors[0], KVStoreUnavailable)
@@ -522,7 +522,7 @@ def test_read_only_user(etcd_auth):
         col = Collector(ro.watch_prefix("cilium/state/"))
         assert [e.key for e in col.next().events] == ["cilium/state/nodes/v1/c2/n1"]
         root.put("cilium/state/nodes/v1/c2/n2", "{}")
-        events, _ = col.events_until(lambda ev: len(ev) >= 1)
+        events, unused = col.events_until(lambda ev: len(ev) >= 1)
         assert events[0].key == "cilium/state/nodes/v1/c2/n2"
         col.stop()
 

@@ -40,7 +40,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 # helpers --------------------------------------------------------------------------------
 def run(argv, input=None, check=True, timeout=60):
-    proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip()
         raise LabError("command failed (exit %d): %s\n%s" % (proc.returncode, shlex.join(argv), detail))
@@ -344,7 +344,7 @@ def _start_host(lab, host, mnt, uts):
         "-c",
         host_script(lab, host),
     ]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     if proc.returncode != 0:
         return "host %s: setup failed (exit %d): %s" % (host.name, proc.returncode, proc.stderr.strip())
     return None

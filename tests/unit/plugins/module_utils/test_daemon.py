@@ -47,7 +47,7 @@ def test_start_status_stop(spec):
     assert open(spec.pidfile).read().strip() == str(pid)
     wait_for(lambda: "up" in open(spec.logfile).read())
     assert stop_supervised(spec)
-    wait_for(lambda: not os.path.exists("/proc/%d" % pid) or open("/proc/%d/stat" % pid).read().split()[2] == "Z")
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z")
     assert not supervised_status(spec)["running"]
     assert not os.path.exists(spec.pidfile)
     assert not stop_supervised(spec)

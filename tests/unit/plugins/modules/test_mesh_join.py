@@ -51,7 +51,7 @@ def run(a, capsys):
 
 def test_writes_cilium_layout_then_is_idempotent(tmp_path, cas, capsys):
     a = args(tmp_path, cas)
-    code, result, _ = run(a, capsys)
+    code, result, unused = run(a, capsys)
     assert code == 0 and result["changed"]
     config = yaml.safe_load((tmp_path / "clusters.d" / "cluster2").read_text())
     assert config == {
@@ -65,14 +65,14 @@ def test_writes_cilium_layout_then_is_idempotent(tmp_path, cas, capsys):
     assert local["cert-file"] == str(tmp_path / "pki" / "admin.crt")
     assert oct(os.stat(tmp_path / "clusters.d" / "cluster2.etcd-client.key").st_mode & 0o777) == "0o600"
     assert oct(os.stat(tmp_path / "pki" / "admin.key").st_mode & 0o777) == "0o600"
-    code, result, _ = run(a, capsys)
+    code, result, unused = run(a, capsys)
     assert code == 0 and not result["changed"] and result["written"] == []
 
 
 def test_peer_removed_files_go(tmp_path, cas, capsys):
     run(args(tmp_path, cas, peers=("cluster2", "cluster3")), capsys)
     (tmp_path / "clusters.d" / "README.txt").write_text("not ours")
-    code, result, _ = run(args(tmp_path, cas, peers=("cluster2",)), capsys)
+    code, result, unused = run(args(tmp_path, cas, peers=("cluster2",)), capsys)
     assert code == 0 and result["changed"]
     left = sorted(os.listdir(tmp_path / "clusters.d"))
     assert left == [
@@ -86,7 +86,7 @@ def test_peer_removed_files_go(tmp_path, cas, capsys):
 
 
 def test_check_mode_writes_nothing(tmp_path, cas, capsys):
-    code, result, _ = run(args(tmp_path, cas, _ansible_check_mode=True), capsys)
+    code, result, unused = run(args(tmp_path, cas, _ansible_check_mode=True), capsys)
     assert code == 0 and result["changed"]
     assert os.listdir(tmp_path) == []
 
@@ -149,6 +149,6 @@ def test_kvstore_member_certificates(tmp_path, cas, capsys):
 
 
 def test_kvstore_member_with_wrong_root_cn_writes_nothing(tmp_path, cas, capsys):
-    code, result, _ = run(args(tmp_path, cas, kvstore_member=_member(cas["cluster1"], root_cn="admin")), capsys)
+    code, result, unused = run(args(tmp_path, cas, kvstore_member=_member(cas["cluster1"], root_cn="admin")), capsys)
     assert code == 1 and "CN must be 'root'" in result["msg"]
     assert os.listdir(tmp_path) == []

@@ -146,6 +146,7 @@ def adhoc(env: dict, cwd: Path, args: dict, *flags: str) -> tuple[int, dict, str
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     out = proc.stdout
     start = out.index("localhost | ")
@@ -155,7 +156,7 @@ def adhoc(env: dict, cwd: Path, args: dict, *flags: str) -> tuple[int, dict, str
 def test_adhoc_success_in_check_mode(ansible_env, tmp_path):
     clusters = two_clusters()
     clusters[0]["connect_to"] = ["cluster2"]
-    rc, result, _ = adhoc(ansible_env, tmp_path, {"clusters": clusters}, "--check")
+    rc, result, unused = adhoc(ansible_env, tmp_path, {"clusters": clusters}, "--check")
     assert rc == 0, result
     assert result["changed"] is False
     assert result["mesh"]["clusters"][0]["nodes"][1]["ipv4_pod_cidr"] == "10.1.1.0/24"
@@ -167,7 +168,7 @@ def test_adhoc_failure_lists_every_problem(ansible_env, tmp_path):
     clusters[0]["name"] = "c" * 33
     clusters[1]["pod_cidrs"] = ["10.1.128.0/17"]
     clusters[1]["connect_to"] = ["cluster9"]
-    rc, result, _ = adhoc(ansible_env, tmp_path, {"clusters": clusters})
+    rc, result, unused = adhoc(ansible_env, tmp_path, {"clusters": clusters})
     assert rc == 2
     messages = [p["message"] for p in result["problems"]]
     assert len(messages) == 3, messages
@@ -239,6 +240,7 @@ def run_playbook(env: dict, tmp_path: Path, inventory: str) -> tuple[subprocess.
         capture_output=True,
         text=True,
         timeout=180,
+        check=False,
     )
     assert (tmp_path / "result.json").exists(), proc.stdout + proc.stderr
     return proc, json.loads((tmp_path / "result.json").read_text())
@@ -265,7 +267,7 @@ def test_playbook_from_inventory_reports_inventory_variables(ansible_env, tmp_pa
     inventory = INVENTORY.format(python=sys.executable)
     inventory = inventory.replace("clustermesh_cluster_name: cluster2", "clustermesh_cluster_name: Cluster2")
     inventory = inventory.replace("198.18.2.11", "10.1.3.4")
-    _, result = run_playbook(ansible_env, tmp_path, inventory)
+    unused, result = run_playbook(ansible_env, tmp_path, inventory)
     assert result["failed"] is True
     assert [p["message"] for p in result["problems"]] == [
         "hostvars['c2-n1'].clustermesh_cluster_name: 'Cluster2' is not a valid cluster name: must match "
