@@ -41,6 +41,7 @@ lab-down:
 
 demo: collection lab-up
 	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/site.yml
+	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/status.yml
 
 demo-down: lab-down
 
