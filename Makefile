@@ -63,8 +63,10 @@ lab-tests: collection
 molecule: collection
 	@tools/run-tests molecule
 
+# Benchmarks: side-by-side ratios, medians of several rounds, results in bench/results/*.json.
+BENCH_ROUNDS ?= 3
 bench: collection
-	@echo "bench: no benchmarks yet"
+	$(BIN)/python bench/control_plane.py --rounds $(BENCH_ROUNDS)
 
 clean:
 	rm -rf build tests/output
