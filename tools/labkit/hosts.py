@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict
 
 from . import inventory
-from .state import Lab, LabError, LabLock, is_mount_point, mount_points_under, netns_names, nsenter
+from .state import REPO_ROOT, Lab, LabError, LabLock, is_mount_point, mount_points_under, netns_names, nsenter
 from .topology import LAB_UNDERLAY, OUTSIDE_ADDRESS, OUTSIDE_DEVICE, OUTSIDE_NETWORK, Topology, host_fabric_port
 
 MNT_DETACH = 2
@@ -296,6 +296,28 @@ def _prepare_host_files(lab, topo, host):
     return ns, mnt, uts
 
 
+# Hosts get their own /run and /tmp. A checkout that lives there (CI may clone into /tmp) must stay
+# visible, since hosts run the repository's .venv python: park it on a mount point inside the host's
+# private /var/lib overlay, then move it back over the fresh tmpfs.
+_KEEP = "/var/lib/.clustermesh-lab-keep"
+
+
+def _hidden_by_tmpfs(path):
+    return any(path == top or path.startswith(top + "/") for top in ("/run", "/tmp"))
+
+
+def _keep_visible_before(path):
+    if not _hidden_by_tmpfs(path):
+        return []
+    return ["mkdir -p %s" % _KEEP, "mount --bind %s %s" % (shlex.quote(path), _KEEP)]
+
+
+def _keep_visible_after(path):
+    if not _hidden_by_tmpfs(path):
+        return []
+    return ["mkdir -p %s" % shlex.quote(path), "mount --move %s %s" % (_KEEP, shlex.quote(path))]
+
+
 def host_script(lab, host):
     """Shell script run by the first process of a host (inside its new mount and UTS namespaces)."""
     ns = lab.netns(host.name)
@@ -321,9 +343,11 @@ def host_script(lab, host):
             # those namespaces alive after their own lab is torn down
             "umount -l /run/netns 2>/dev/null || true",
             'for m in %s/*/hosts; do umount -l "$m" 2>/dev/null || true; done' % q(lab.lab_root),
+            *_keep_visible_before(REPO_ROOT),
             "mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run",
             "mkdir -m 1777 /run/lock",
             "mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp",
+            *_keep_visible_after(REPO_ROOT),
             "umount -l /sys",
             "mount -t sysfs sysfs /sys",
             "mount -t bpf -o mode=0700 bpf /sys/fs/bpf",
