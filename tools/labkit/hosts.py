@@ -83,9 +83,13 @@ def host_mac(host):
     return "02:00:" + ":".join("%02x" % b for b in ipaddress.ip_address(host.address).packed)
 
 
+# Bumped whenever hosts are built differently, so that ``up`` rebuilds hosts made by older code.
+HOST_FORMAT = 2
+
+
 def host_record(host):
     """What a built host looks like; compared on the next ``up`` to decide whether to keep it."""
-    return asdict(host)
+    return dict(asdict(host), format=HOST_FORMAT, repo=REPO_ROOT)
 
 
 # processes ------------------------------------------------------------------------------
