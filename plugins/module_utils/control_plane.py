@@ -217,6 +217,20 @@ def node_files(mesh, node_name, pki_dir, config_dir=CONFIG_DIR):
 
 CLIENT_FILE_SUFFIXES = (".etcd-client-ca.crt", ".etcd-client.crt", ".etcd-client.key")
 
+# Argument spec of one connection's credentials and of a peer (doc fragment clustermesh.core.join_peers).
+CREDENTIALS_ARGUMENT_SPEC = dict(
+    endpoints=dict(type="list", elements="str", required=True),
+    ca=dict(type="str", required=True),
+    cert=dict(type="str", required=True),
+    key=dict(type="str", required=True, no_log=True),
+)
+PEERS_ARGUMENT_SPEC = dict(
+    type="list",
+    elements="dict",
+    default=[],
+    options=dict(name=dict(type="str", required=True), **CREDENTIALS_ARGUMENT_SPEC),
+)
+
 
 class JoinError(ValueError):
     """Bad join input (a wrong certificate, an unknown name); nothing has been written."""

@@ -20,7 +20,6 @@ directory.  No Ansible imports here.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -176,27 +175,6 @@ def dump_etcd_config(config: EtcdClientConfig) -> str:
 
 def write_etcd_config(path: str, config: EtcdClientConfig, mode: int = 0o644) -> bool:
     """Write atomically (temp file + rename); return False when the file already had this content."""
-    text = dump_etcd_config(config)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            if handle.read() == text:
-                if (os.stat(path).st_mode & 0o7777) != mode:
-                    os.chmod(path, mode)
-                    return True
-                return False
-    except OSError:
-        pass
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".etcd-config.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return True
+    from .files import ensure_file
+
+    return ensure_file(path, dump_etcd_config(config).encode(), mode)

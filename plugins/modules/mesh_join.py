@@ -24,6 +24,7 @@ version_added: 0.1.0
 author:
   - clustermesh.core developers (@clustermesh)
 extends_documentation_fragment:
+  - clustermesh.core.join_peers
   - ansible.builtin.action_common_attributes
 options:
   cluster:
@@ -82,33 +83,6 @@ options:
         description: PEM of its private key.
         type: str
         required: true
-  peers:
-    description: The clusters this one connects to.
-    type: list
-    elements: dict
-    default: []
-    suboptions:
-      name:
-        description: The peer cluster's name.
-        type: str
-        required: true
-      endpoints:
-        description: The peer's mesh endpoints (its proxies).
-        type: list
-        elements: str
-        required: true
-      ca:
-        description: PEM of the peer's CA.
-        type: str
-        required: true
-      cert:
-        description: PEM of the C(remote-<cluster>) client certificate the peer issued for this cluster.
-        type: str
-        required: true
-      key:
-        description: PEM of its private key.
-        type: str
-        required: true
 attributes:
   platform:
     platforms: posix
@@ -164,8 +138,10 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.clustermesh.core.plugins.module_utils import kvstore_config, mesh_model, pki
 from ansible_collections.clustermesh.core.plugins.module_utils.control_plane import (
     CLUSTERS_DIR,
+    CREDENTIALS_ARGUMENT_SPEC,
     ETCD_DIR,
     LOCAL_PKI_DIR,
+    PEERS_ARGUMENT_SPEC,
     JoinError,
     join_file_plan,
     stale_join_files,
@@ -177,13 +153,6 @@ from ansible_collections.clustermesh.core.plugins.module_utils.files import (
     read_bytes,
 )
 from ansible_collections.clustermesh.core.plugins.module_utils.requirements import missing_requirements
-
-_CREDENTIALS = dict(
-    endpoints=dict(type="list", elements="str", required=True),
-    ca=dict(type="str", required=True),
-    cert=dict(type="str", required=True),
-    key=dict(type="str", required=True, no_log=True),
-)
 
 
 def _diff_text(path, data):
@@ -197,7 +166,7 @@ def main():
         argument_spec=dict(
             cluster=dict(type="str", required=True),
             config_dir=dict(type="path", default="/etc/clustermesh"),
-            local=dict(type="dict", options=_CREDENTIALS),
+            local=dict(type="dict", options=CREDENTIALS_ARGUMENT_SPEC),
             kvstore_member=dict(
                 type="dict",
                 options=dict(
@@ -208,12 +177,7 @@ def main():
                     root_key=dict(type="str", required=True, no_log=True),
                 ),
             ),
-            peers=dict(
-                type="list",
-                elements="dict",
-                default=[],
-                options=dict(name=dict(type="str", required=True), **_CREDENTIALS),
-            ),
+            peers=PEERS_ARGUMENT_SPEC,
         ),
         supports_check_mode=True,
     )

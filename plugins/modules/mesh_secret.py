@@ -19,6 +19,7 @@ version_added: 0.1.0
 author:
   - clustermesh.core developers (@clustermesh)
 extends_documentation_fragment:
+  - clustermesh.core.join_peers
   - ansible.builtin.action_common_attributes
 options:
   cluster:
@@ -36,33 +37,6 @@ options:
     description: Namespace of the Cilium agents.
     type: str
     default: kube-system
-  peers:
-    description: The clusters this one connects to.
-    type: list
-    elements: dict
-    default: []
-    suboptions:
-      name:
-        description: The peer cluster's name.
-        type: str
-        required: true
-      endpoints:
-        description: The peer's mesh endpoints (its proxies).
-        type: list
-        elements: str
-        required: true
-      ca:
-        description: PEM of the peer's CA.
-        type: str
-        required: true
-      cert:
-        description: PEM of the C(remote-<cluster>) client certificate the peer issued for this cluster.
-        type: str
-        required: true
-      key:
-        description: PEM of its private key.
-        type: str
-        required: true
   state:
     description: Whether the Secret should exist.
     type: str
@@ -106,7 +80,11 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.clustermesh.core.plugins.module_utils.cluster_secret import reconcile_secret, secret_data
-from ansible_collections.clustermesh.core.plugins.module_utils.control_plane import JoinError, join_file_plan
+from ansible_collections.clustermesh.core.plugins.module_utils.control_plane import (
+    PEERS_ARGUMENT_SPEC,
+    JoinError,
+    join_file_plan,
+)
 
 try:
     from kubernetes import client as k8s_client
@@ -127,18 +105,7 @@ def main():
             kubeconfig=dict(type="path", required=True),
             context=dict(type="str"),
             namespace=dict(type="str", default="kube-system"),
-            peers=dict(
-                type="list",
-                elements="dict",
-                default=[],
-                options=dict(
-                    name=dict(type="str", required=True),
-                    endpoints=dict(type="list", elements="str", required=True),
-                    ca=dict(type="str", required=True),
-                    cert=dict(type="str", required=True),
-                    key=dict(type="str", required=True, no_log=True),
-                ),
-            ),
+            peers=PEERS_ARGUMENT_SPEC,
             state=dict(type="str", default="present", choices=["present", "absent"]),
         ),
         supports_check_mode=True,
