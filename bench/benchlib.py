@@ -149,7 +149,7 @@ def section(
         }
     target_docs = {}
     for name, (metric, op, limit) in (targets or {}).items():
-        kind, _, key = metric.partition(".")
+        kind, _sep, key = metric.partition(".")
         if kind == "medians":
             value = medians.get(key)
         elif kind == "ratios":
@@ -321,7 +321,7 @@ def host_facts() -> dict:
 
 def git_commit(repo: str = REPO_ROOT) -> dict:
     def git(*args):
-        proc = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=30, check=False)
         return proc.stdout.strip() if proc.returncode == 0 else None
 
     status = git("status", "--porcelain", "--untracked-files=no")

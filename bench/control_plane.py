@@ -426,7 +426,7 @@ def table(benchmarks: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--rounds", type=int, default=benchlib.MIN_ROUNDS)
     parser.add_argument("--only", choices=["site", "onboard", "watch"])
     parser.add_argument("--output", help="result file (default: bench/results/%s.json)" % NAME)

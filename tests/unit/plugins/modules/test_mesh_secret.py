@@ -62,7 +62,7 @@ def test_secret_created_in_cilium_format_then_unchanged(api, peer_creds, tmp_pat
         "cert-file": "/var/lib/cilium/clustermesh/cluster2.etcd-client.crt",
     }
     assert data["cluster2.etcd-client.key"].strip() == peer_creds["key"].strip()
-    code, result, _ = run(args, capsys)
+    code, result, _out = run(args, capsys)
     assert code == 0 and not result["changed"]
     assert [m for m, _p in api.requests].count("PUT") == 0
 
@@ -70,10 +70,10 @@ def test_secret_created_in_cilium_format_then_unchanged(api, peer_creds, tmp_pat
 def test_peer_removed_replaces_secret_and_absent_deletes(api, peer_creds, tmp_path, capsys):
     kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
     run({"cluster": "cluster1", "kubeconfig": kubeconfig, "peers": [peer_creds]}, capsys)
-    code, result, _ = run({"cluster": "cluster1", "kubeconfig": kubeconfig, "peers": []}, capsys)
+    code, result, _out = run({"cluster": "cluster1", "kubeconfig": kubeconfig, "peers": []}, capsys)
     assert code == 0 and result["changed"] and result["keys"] == []
     assert api.secrets[("kube-system", "cilium-clustermesh")]["data"] == {}
-    code, result, _ = run({"cluster": "cluster1", "kubeconfig": kubeconfig, "state": "absent"}, capsys)
+    code, result, _out = run({"cluster": "cluster1", "kubeconfig": kubeconfig, "state": "absent"}, capsys)
     assert code == 0 and result["changed"] and ("kube-system", "cilium-clustermesh") not in api.secrets
 
 
@@ -84,7 +84,7 @@ def test_check_mode_sends_no_write(api, peer_creds, tmp_path, capsys):
         "peers": [peer_creds],
         "_ansible_check_mode": True,
     }
-    code, result, _ = run(args, capsys)
+    code, result, _out = run(args, capsys)
     assert code == 0 and result["changed"]
     assert {m for m, _p in api.requests} == {"GET"}
 
@@ -93,7 +93,9 @@ def test_wrong_certificate_is_refused_before_any_request(api, peer_creds, tmp_pa
     other_ca = issue_ca("another-ca")
     foreign = issue_leaf("client", "remote-cluster1", ca_cert_pem=other_ca.cert_pem, ca_key_pem=other_ca.key_pem)
     bad = dict(peer_creds, cert=foreign.cert_pem.decode(), key=foreign.key_pem.decode())
-    code, result, _ = run({"cluster": "cluster1", "kubeconfig": api.kubeconfig(tmp_path / "k"), "peers": [bad]}, capsys)
+    code, result, _out = run(
+        {"cluster": "cluster1", "kubeconfig": api.kubeconfig(tmp_path / "k"), "peers": [bad]}, capsys
+    )
     assert code == 1 and "peer cluster2" in result["msg"]
     assert api.requests == []
 
@@ -102,5 +104,5 @@ def test_unreachable_api_is_a_clear_error(tmp_path, peer_creds, capsys):
     server = KubernetesStandIn()
     kubeconfig = server.kubeconfig(tmp_path / "k")  # never started: nothing listens
     server.server.server_close()
-    code, result, _ = run({"cluster": "cluster1", "kubeconfig": kubeconfig, "peers": [peer_creds]}, capsys)
+    code, result, _out = run({"cluster": "cluster1", "kubeconfig": kubeconfig, "peers": [peer_creds]}, capsys)
     assert code == 1 and "unreachable" in result["msg"]
