@@ -8,6 +8,7 @@ from __future__ import annotations
 from ansible.errors import AnsibleFilterError
 
 from ansible_collections.clustermesh.core.plugins.module_utils.control_plane import certificate_plan, node_files
+from ansible_collections.clustermesh.core.plugins.module_utils.routing_plan import routing_inputs
 
 PREFIX = "clustermesh_"
 
@@ -36,10 +37,18 @@ def mesh_node_files(mesh, node, pki_dir):
         raise AnsibleFilterError("mesh_node_files: %s" % exc) from None
 
 
+def mesh_routing(mesh, host):
+    try:
+        return routing_inputs(mesh, host)
+    except KeyError as exc:
+        raise AnsibleFilterError("mesh_routing: %s" % exc) from None
+
+
 class FilterModule:
     def filters(self):
         return {
             "mesh_vars": mesh_vars,
             "mesh_certificates": mesh_certificates,
             "mesh_node_files": mesh_node_files,
+            "mesh_routing": mesh_routing,
         }

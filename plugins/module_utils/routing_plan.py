@@ -25,7 +25,63 @@ VXLAN_DEVICE = "cm_vxlan"
 VXLAN_PORT = 8472
 VXLAN_VNI = 2
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
-ROUTE_PROTOCOL = 203  # marks routes as ours (see docs/development.md)
+ROUTE_PROTOCOL = 203  # routes to remote pod CIDRs, owned by the routing applier (docs/development.md)
+POD_ROUTE_PROTOCOL = 204  # host /32 routes to local pods, owned by the CNI plugin
+
+# Argument spec of the routing inputs shared by the modules routing and mesh_preflight
+# (doc fragment clustermesh.core.routing_peers); routing_inputs() produces exactly this shape.
+NODE_ARGUMENT_SPEC = dict(
+    type="dict",
+    required=True,
+    options=dict(
+        name=dict(type="str", required=True),
+        ip=dict(type="str", required=True),
+        pod_cidrs=dict(type="list", elements="str", required=True),
+    ),
+)
+PEERS_ARGUMENT_SPEC = dict(
+    type="list",
+    elements="dict",
+    default=[],
+    options=dict(
+        name=dict(type="str", required=True),
+        cluster=dict(type="str", required=True),
+        ip=dict(type="str", required=True),
+        pod_cidrs=dict(type="list", elements="str", required=True),
+    ),
+)
+MODE_ARGUMENT_SPEC = dict(type="str", default="tunnel")  # checked by plan_routing, which names the choices
+
+
+def routing_inputs(mesh, host):
+    """What routing needs for inventory host ``host`` from the normalised mesh (``Mesh.to_dict()``):
+    ``node`` {name, ip, pod_cidrs}, ``peers`` (every other node of its own cluster and of every cluster
+    it connects to or that connects to it, since replies must route back) and ``mesh_pod_cidrs`` (the
+    pod CIDRs of every cluster: traffic to them is never masqueraded)."""
+    hosts = mesh["hosts"]
+    if host not in hosts:
+        raise KeyError("host %r is not a node of the mesh" % host)
+    me = hosts[host]
+    clusters = {c["name"]: c for c in mesh["clusters"]}
+    own = clusters[me["cluster"]]
+    reach = {own["name"], *own["connect_to"], *own["connected_from"]}
+    peers = [
+        {"name": n["name"], "cluster": c["name"], "ip": n["ip"], "pod_cidrs": list(n["pod_cidrs"])}
+        for c in mesh["clusters"]
+        if c["name"] in reach
+        for n in c["nodes"]
+        if n["name"] != me["name"]
+    ]
+    return {
+        "node": {"name": me["name"], "ip": me["ip"], "pod_cidrs": list(me["pod_cidrs"])},
+        "peers": peers,
+        "mesh_pod_cidrs": [cidr for c in mesh["clusters"] for cidr in c["pod_cidrs"]],
+    }
+
+
+def pod_mtu(mode, underlay_mtu):
+    """The MTU of pod interfaces: room for the VXLAN header whenever some traffic may be tunnelled."""
+    return underlay_mtu - VXLAN_OVERHEAD if mode in ("tunnel", "hybrid") else underlay_mtu
 
 
 class RoutingPlanError(ValueError):

@@ -68,3 +68,59 @@ def test_bad_input_lists_every_problem():
 def test_overlay_mac_is_stable_and_local():
     assert overlay_mac("198.18.1.11") == "0e:cb:c6:12:01:0b"
     assert int(overlay_mac("198.18.1.11")[:2], 16) & 0x02  # locally administered
+
+
+def _three_clusters():
+    from ansible_collections.clustermesh.core.plugins.module_utils.mesh_model import validate_mesh
+
+    return validate_mesh(
+        [
+            {
+                "name": "cluster1",
+                "id": 1,
+                "pod_cidrs": ["10.1.0.0/16"],
+                "nodes": [{"name": "c1-n1", "ip": "198.18.1.11"}, {"name": "c1-n2", "ip": "198.18.1.12"}],
+                "connect_to": ["cluster2"],
+            },
+            {
+                "name": "cluster2",
+                "id": 2,
+                "pod_cidrs": ["10.2.0.0/16"],
+                "nodes": [{"name": "c2-n1", "ip": "198.18.2.11"}],
+                "connect_to": ["cluster1"],
+            },
+            {
+                "name": "tenant",
+                "id": 3,
+                "pod_cidrs": ["10.3.0.0/16"],
+                "nodes": [{"name": "t-n1", "ip": "198.18.3.11"}],
+                "connect_to": ["cluster1"],
+            },
+        ]
+    ).to_dict()
+
+
+def test_routing_inputs_cover_own_cluster_and_both_directions_of_connections():
+    from ansible_collections.clustermesh.core.plugins.module_utils.routing_plan import routing_inputs
+
+    mesh = _three_clusters()
+    c1 = routing_inputs(mesh, "c1-n1")
+    assert c1["node"]["ip"] == "198.18.1.11" and len(c1["node"]["pod_cidrs"]) == 1
+    # cluster1 connects to cluster2 and tenant connects to cluster1: both are peers (replies route back)
+    assert {p["name"] for p in c1["peers"]} == {"c1-n2", "c2-n1", "t-n1"}
+    assert c1["mesh_pod_cidrs"] == ["10.1.0.0/16", "10.2.0.0/16", "10.3.0.0/16"]
+    # cluster2 and tenant are not connected: neither routes to the other
+    assert {p["name"] for p in routing_inputs(mesh, "c2-n1")["peers"]} == {"c1-n1", "c1-n2"}
+    assert {p["name"] for p in routing_inputs(mesh, "t-n1")["peers"]} == {"c1-n1", "c1-n2"}
+    # the inputs plan without problems
+    plan_routing(c1["node"], c1["peers"], "tunnel", 24)
+    with pytest.raises(KeyError, match="not a node"):
+        routing_inputs(mesh, "nope")
+
+
+def test_pod_mtu_leaves_room_for_vxlan_when_anything_may_be_tunnelled():
+    from ansible_collections.clustermesh.core.plugins.module_utils.routing_plan import pod_mtu
+
+    assert pod_mtu("direct", 1500) == 1500
+    assert pod_mtu("tunnel", 1500) == 1450
+    assert pod_mtu("hybrid", 9000) == 8950
