@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .routing_plan import MODES as ROUTING_MODES
+
 try:
     from netaddr import AddrFormatError, IPAddress, IPNetwork
 except ImportError as exc:  # modules report it with missing_required_lib
@@ -67,6 +69,8 @@ _CLUSTER_NAME_RE = re.compile(CLUSTER_NAME_PATTERN)
 DEFAULT_CLUSTER_NAME = "default"
 MAX_CONNECTED_CLUSTERS_CHOICES = (255, 511)
 DEFAULT_MAX_CONNECTED_CLUSTERS = 255
+#: Pod routing mode of the whole mesh (see routing_plan): both ends of every node pair must agree.
+DEFAULT_ROUTING_MODE = "tunnel"
 #: A (non node-local) security identity has 24 bits; the top 8 (255) or 9 (511) hold the cluster ID.
 IDENTITY_BITS = 24
 
@@ -324,6 +328,7 @@ class Mesh:
     clusters: tuple[Cluster, ...]
     max_connected_clusters: int
     warnings: tuple[str, ...] = field(default=())
+    routing_mode: str = "tunnel"
 
     def cluster(self, name: str) -> Cluster:
         for c in self.clusters:
@@ -341,6 +346,7 @@ class Mesh:
     def to_dict(self) -> dict[str, Any]:
         return {
             "max_connected_clusters": self.max_connected_clusters,
+            "routing_mode": self.routing_mode,
             "clusters": [c.to_dict() for c in self.clusters],
             "hosts": {n.host: n.to_dict() for c in self.clusters for n in c.nodes},
             "warnings": list(self.warnings),
@@ -463,6 +469,7 @@ INVENTORY_VARS = {
     "max_connected_clusters": "clustermesh_max_connected_clusters",
     "kvstore_members": "clustermesh_kvstore_members",
     "kvstore_proxies": "clustermesh_kvstore_proxies",
+    "routing_mode": "clustermesh_routing_mode",
 }
 INVENTORY_NODE_VARS = {
     "ip": "clustermesh_node_ip",
@@ -503,6 +510,7 @@ _CLUSTER_KEYS = (
     "max_connected_clusters",
     "kvstore_members",
     "kvstore_proxies",
+    "routing_mode",
 )
 _NODE_KEYS = ("name", "ip", "pod_cidrs", "host")
 
@@ -532,6 +540,8 @@ class _C:  # a cluster while validating
     connect_to: list[str] | None = None
     kvstore_members: list[str] | None = None
     kvstore_proxies: list[str] | None = None
+    routing_mode: str | None = None
+    routing_mode_given: bool = False
 
 
 class _Validator:
@@ -569,6 +579,18 @@ class _Validator:
                 self.add(P.cluster(ci, "max_connected_clusters"), mcc, max_connected_clusters_error(mcc) or "")
             else:
                 c.max_connected, c.max_connected_given = value, True
+
+        mode = raw.get("routing_mode")
+        if mode is None:
+            c.routing_mode = DEFAULT_ROUTING_MODE
+        elif mode not in ROUTING_MODES:
+            self.add(
+                P.cluster(ci, "routing_mode"),
+                mode,
+                f"is not a routing mode: use one of {', '.join(ROUTING_MODES)}",
+            )
+        else:
+            c.routing_mode, c.routing_mode_given = mode, True
 
         raw_id = raw.get("id")
         if raw_id is None:
@@ -789,6 +811,28 @@ class _Validator:
                     reason = f"it defaults to {c.max_connected}, but {ref_path} is {mcc}: {same}"
                     self.add(P.cluster(c.index, "max_connected_clusters"), MISSING, reason)
 
+        # the same routing mode everywhere: both ends of a node pair must agree on tunnel or direct
+        ref = next((c for c in clusters if c.routing_mode_given), None)
+        routing_mode = ref.routing_mode if ref is not None else DEFAULT_ROUTING_MODE
+        if ref is not None:
+            ref_path = P.cluster(ref.index, "routing_mode")
+            for c in clusters:
+                if c.routing_mode is None or c.routing_mode == routing_mode:
+                    continue
+                same = "every cluster of a mesh must use the same routing mode (set it once, in group_vars/all)"
+                if c.routing_mode_given:
+                    self.add(
+                        P.cluster(c.index, "routing_mode"),
+                        c.routing_mode,
+                        f"differs from {ref.routing_mode!r} in {ref_path}: {same}",
+                    )
+                else:
+                    self.add(
+                        P.cluster(c.index, "routing_mode"),
+                        MISSING,
+                        f"it defaults to {c.routing_mode!r}, but {ref_path} is {routing_mode!r}: {same}",
+                    )
+
         # unique names and IDs
         self.unique(clusters, lambda c: c.raw_name if isinstance(c.raw_name, str) else None, "name", "cluster name")
         self.unique(clusters, lambda c: c.id, "id", "cluster ID")
@@ -861,7 +905,7 @@ class _Validator:
 
         if self.problems:
             return None
-        return self.build(clusters, mcc)
+        return self.build(clusters, mcc, routing_mode)
 
     def unique(self, clusters: list[_C], get, key: str, what: str) -> None:
         seen: dict[Any, _C] = {}
@@ -965,7 +1009,7 @@ class _Validator:
             if ok:
                 c.connect_to = list(c.raw_connect_to)
 
-    def build(self, clusters: list[_C], mcc: int) -> Mesh:
+    def build(self, clusters: list[_C], mcc: int, routing_mode: str = "tunnel") -> Mesh:
         P = self.paths
         connected_from = {c.name: [o.name for o in clusters if c.name in o.connect_to] for c in clusters}
         out = []
@@ -1003,7 +1047,9 @@ class _Validator:
                     kvstore_proxies=tuple(c.kvstore_proxies),
                 )
             )
-        return Mesh(clusters=tuple(out), max_connected_clusters=mcc, warnings=tuple(self.warnings))
+        return Mesh(
+            clusters=tuple(out), max_connected_clusters=mcc, warnings=tuple(self.warnings), routing_mode=routing_mode
+        )
 
 
 def _of_cluster(c: _C) -> str:

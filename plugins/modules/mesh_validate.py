@@ -43,6 +43,7 @@ options:
         C(host) is the inventory host name, default C(name)),
         C(connect_to) (list of cluster names whose kvstore this cluster reads; default all other clusters),
         C(max_connected_clusters) (255 or 511, default 255, the same in every cluster),
+        C(routing_mode) (V(tunnel), V(direct) or V(hybrid), default V(tunnel), the same in every cluster),
         C(kvstore_members) and C(kvstore_proxies) (lists of node names of this cluster; default the first node).
       - Mutually exclusive with O(inventory).
     type: list
@@ -52,7 +53,8 @@ options:
       - Ansible inventory data to derive the clusters from, instead of O(clusters).
       - Every host of the group O(mesh_group) is a node; hosts are grouped into clusters by their
         C(clustermesh_cluster_name). Cluster variables (C(clustermesh_cluster_id), C(clustermesh_pod_cidrs),
-        C(clustermesh_connect_to), C(clustermesh_max_connected_clusters), C(clustermesh_kvstore_members),
+        C(clustermesh_connect_to), C(clustermesh_max_connected_clusters), C(clustermesh_routing_mode),
+        C(clustermesh_kvstore_members),
         C(clustermesh_kvstore_proxies)) must be the same on every host of a cluster (set them in the cluster
         group's group_vars); node variables are C(clustermesh_node_ip) and C(clustermesh_node_pod_cidrs).
       - Only those C(clustermesh_*) variables are read. Do not pass the whole C(hostvars) (templating all of
@@ -145,6 +147,10 @@ mesh:
       description: The mesh's max-connected-clusters setting (255 or 511).
       type: int
       sample: 255
+    routing_mode:
+      description: How pod traffic crosses nodes in the whole mesh (V(tunnel), V(direct) or V(hybrid)).
+      type: str
+      sample: tunnel
     clusters:
       description: The clusters in input order.
       type: list

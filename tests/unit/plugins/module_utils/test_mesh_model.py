@@ -733,3 +733,25 @@ def test_inventory_reads_only_clustermesh_variables():
     hostvars, groups = inventory()
     strict = {h: Strict(v) for h, v in hostvars.items()}
     assert validate_inventory(strict, groups).cluster("cluster2").id == 2
+
+
+def test_routing_mode_defaults_to_tunnel_and_is_mesh_wide():
+    assert validate_mesh(mesh(2)).to_dict()["routing_mode"] == "tunnel"
+    assert validate_mesh(mesh(2, routing_mode="hybrid")).to_dict()["routing_mode"] == "hybrid"
+
+
+def test_routing_mode_must_be_known_and_agree():
+    raw = mesh(3)
+    raw[0]["routing_mode"] = "direct"
+    raw[1]["routing_mode"] = "tunnel"
+    raw[2]["routing_mode"] = "bgp"
+    ps = {p.path: p for p in problems(raw)}
+    assert "differs from 'direct' in clusters[0].routing_mode" in ps["clusters[1].routing_mode"].reason
+    assert "is not a routing mode: use one of tunnel, direct, hybrid" in ps["clusters[2].routing_mode"].reason
+
+
+def test_routing_mode_default_differs_from_a_given_one():
+    raw = mesh(2)
+    raw[1]["routing_mode"] = "direct"
+    p = one_problem(raw, "clusters[0].routing_mode")
+    assert "it defaults to 'tunnel', but clusters[1].routing_mode is 'direct'" in p.reason
