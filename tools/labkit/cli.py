@@ -183,6 +183,10 @@ def build_parser():
     p.add_argument("host", metavar="HOST")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD")
     p.set_defaults(func=cmd_exec)
+
+    from . import pods
+
+    pods.add_parser(sub, common)
     return parser
 
 

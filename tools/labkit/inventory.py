@@ -10,6 +10,7 @@ import os
 
 import yaml
 
+from .cni_runtime import LAB_CNI_BIN_DIR
 from .state import VENV_PYTHON
 
 
@@ -45,7 +46,8 @@ def build(lab, topo):
     children = {
         "lab": {
             "hosts": {h.name: host_vars(lab, h) for h in topo.hosts},
-            "vars": {"lab_prefix": lab.prefix},
+            # /opt is the machine's own in lab hosts (only /etc, /var/lib, /var/log are per host)
+            "vars": {"lab_prefix": lab.prefix, "cni_bin_dir": LAB_CNI_BIN_DIR},
         }
     }
     if clusters:
