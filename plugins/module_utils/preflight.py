@@ -274,7 +274,7 @@ def check_features(mode, masquerade, features, python=None):
         if result is None:
             rows.append(failed("features", name, "not probed (%s)" % why, "run node_facts with its default probes"))
         elif result["available"]:
-            rows.append(passed("features", name, "%s: %s" % (why, result["detail"])))
+            rows.append(passed("features", name, result["detail"]))
         else:
             rows.append(
                 failed("features", name, "missing, but %s: %s" % (why, result["detail"]), FEATURE_FIXES.get(name, ""))
