@@ -458,12 +458,22 @@ def describe_icmp_error(message):
     return "%s reports %s" % (message.src, UNREACH_CODES.get(message.code, "unreachable (code %d)" % message.code))
 
 
+SOCKET_BUFFER = 4 << 20  # room for every echo and reply of a round with many peers
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+
+
 class IcmpProber:
     """Echo requests to many addresses at once over one raw socket, with DF set (IP_PMTUDISC_PROBE)."""
 
     def __init__(self):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         self.sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
+        for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:  # without CAP_NET_ADMIN: as much as net.core.[rw]mem_max allows
+                self.sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
         self.sock.setblocking(False)
         self.ident = random.randrange(1, 0xFFFF)
         self.seq = random.randrange(0, 0xFFFF)
@@ -472,18 +482,55 @@ class IcmpProber:
     def close(self):
         self.sock.close()
 
-    def send(self, key, ip, size, results):
+    def send(self, key, ip, size, requests, results, deadline):
         self.seq = (self.seq + 1) & 0xFFFF
         self.pending[self.seq] = (key, time.monotonic())
-        try:
-            self.sock.sendto(echo_request(self.ident, self.seq, size), (ip, 0))
-        except BlockingIOError:
-            pass  # the socket buffer is full: counts as lost, the resend may get it through
-        except OSError as exc:
-            if exc.errno == errno.EMSGSIZE:
-                results[key].error = "a %d-byte packet does not fit the route towards %s (EMSGSIZE)" % (size, ip)
-            else:
-                results[key].error = "cannot send to %s: %s" % (ip, kernel_features.describe_error(exc))
+        packet = echo_request(self.ident, self.seq, size)
+        while True:
+            try:
+                self.sock.sendto(packet, (ip, 0))
+                return
+            except BlockingIOError:  # the send buffer is full: take in replies, wait until it drains
+                self.receive(requests, results)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return  # counts as lost
+                select.select([self.sock], [self.sock], [], remaining)
+            except OSError as exc:
+                if exc.errno == errno.EMSGSIZE:
+                    results[key].error = "a %d-byte packet does not fit the route towards %s (EMSGSIZE)" % (size, ip)
+                else:
+                    results[key].error = "cannot send to %s: %s" % (ip, kernel_features.describe_error(exc))
+                return
+
+    def receive(self, requests, results):
+        """Take in every ICMP message waiting on the socket."""
+        while True:
+            try:
+                packet = self.sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            message = parse_icmp(packet)
+            if message is None or message.ident != self.ident or message.seq not in self.pending:
+                continue
+            key, sent = self.pending[message.seq]
+            echo = results.get(key)
+            if echo is None:
+                continue
+            if message.kind == "reply":
+                if message.src == requests[key][0] and echo.rtt is None:
+                    echo.rtt = (time.monotonic() - sent) * 1000.0
+                    echo.error = ""
+            elif not echo.answered:
+                echo.error = describe_icmp_error(message)
+                echo.mtu, echo.router = message.mtu, message.src
+
+    def send_all(self, requests, results, deadline):
+        for count, (key, (ip, size)) in enumerate(requests.items(), 1):
+            if not results[key].done:
+                self.send(key, ip, size, requests, results, deadline)
+            if count % 32 == 0:
+                self.receive(requests, results)
 
     def run(self, requests, timeout, done=None):
         """``requests``: {key: (ip, size)}. Sends all, resends the unanswered once halfway, and waits
@@ -494,8 +541,7 @@ class IcmpProber:
         start = time.monotonic()
         deadline = start + timeout
         resend_at = start + timeout / 2
-        for key, (ip, size) in requests.items():
-            self.send(key, ip, size, results)
+        self.send_all(requests, results, deadline)
         resent = False
         while not done(results):
             now = time.monotonic()
@@ -503,31 +549,10 @@ class IcmpProber:
                 break
             if not resent and now >= resend_at:
                 resent = True
-                for key, (ip, size) in requests.items():
-                    if not results[key].done:
-                        self.send(key, ip, size, results)
+                self.send_all(requests, results, deadline)
             wake = deadline if resent else min(deadline, resend_at)
-            if not select.select([self.sock], [], [], max(0.0, wake - now))[0]:
-                continue
-            while True:
-                try:
-                    packet = self.sock.recv(65535)
-                except (BlockingIOError, InterruptedError):
-                    break
-                message = parse_icmp(packet)
-                if message is None or message.ident != self.ident or message.seq not in self.pending:
-                    continue
-                key, sent = self.pending[message.seq]
-                echo = results.get(key)
-                if echo is None:
-                    continue
-                if message.kind == "reply":
-                    if message.src == requests[key][0] and echo.rtt is None:
-                        echo.rtt = (time.monotonic() - sent) * 1000.0
-                        echo.error = ""
-                elif not echo.answered:
-                    echo.error = describe_icmp_error(message)
-                    echo.mtu, echo.router = message.mtu, message.src
+            if select.select([self.sock], [], [], max(0.0, wake - now))[0]:
+                self.receive(requests, results)
         return results
 
 
