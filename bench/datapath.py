@@ -1,0 +1,850 @@
+"""Datapath benchmark (issue 4): pod-to-pod throughput and request/response latency, lab ``cmbd``.
+
+    .venv/bin/python bench/datapath.py [--rounds N] [--quick] [--only PATH,...] [--output FILE]
+
+Every round measures every path below, one after the other (order reversed every other round),
+with iperf3 1 stream, iperf3 4 streams and tcp_rr (a TCP request/response loop, 1-byte messages):
+
+same_node       two pods on one node (the reference for pod plumbing)
+plain           iperf3 between two lab hosts' underlay addresses: plain kernel forwarding over the
+                lab's bridge, no pod and no device or table of ours (the physical reference)
+direct          pods on two nodes of one cluster, routing mode direct
+direct_nomasq   the same with routing_masquerade off (no nftables NAT table, so no conntrack)
+tunnel          pods on two nodes, routing mode tunnel (classic VXLAN: FDB + neighbour + onlink routes)
+collect_md      pods on two nodes over a collect-metadata VXLAN device fed by a tc BPF program
+                (bench/bpf/vxlan_md.c: a benchmark fixture, not the product's datapath)
+hybrid_onlink   pods of two clusters, routing mode hybrid, peer on the same segment (routed directly)
+hybrid_routed   pods of two clusters, routing mode hybrid, peer behind the lab router (tunnelled)
+plain_routed    iperf3 between the underlay addresses of the hybrid_routed pair (through the router)
+
+What is measured is what the collection ships: each node's routing is set up by
+``routing_state.reconcile`` (the library of module ``routing``) run inside the lab host, and pods
+are made by ``tools/lab pod add``, which calls the CNI plugin clustermesh-cni (installed into each
+lab host as the node_bundle zipapp with a conflist) exactly as a container runtime does. Each path
+has its own lab hosts, set up once before the first round. Ratios are per round (both values from
+the same round); their median is reported. Targets: direct >= 0.97 x plain and tunnel >= 0.85 x
+direct (iperf3 throughput, 1 and 4 streams).
+
+Prints the load average and a table, writes bench/results/datapath.json (``--quick``: one short
+round, written to build/bench-datapath/datapath-quick.json unless ``--output`` is given).
+The lab is removed at the end, also on failure, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import shlex
+import signal
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import benchlib
+import yaml
+from benchlib import labtools
+
+PREFIX = "cmbd"
+NAME = "datapath"
+BUILD_DIR = os.path.join(benchlib.REPO_ROOT, "build", "bench-datapath")
+BPF_DIR = os.path.join(benchlib.REPO_ROOT, "bench", "bpf")
+IPERF_PORT = 5201
+RR_PORT = 7777
+RR_WARMUP = 1000  # transactions before tcp_rr starts recording
+UNDERLAY_MTU = 1500  # lab hosts' eth0
+VNI = 2  # the classic device's VNI (routing_plan.VXLAN_VNI), reused by the collect-md fixture
+MD_DEVICE = "bvx_md"  # the fixture's external VXLAN device (not cm_: it is not product state)
+MD_MAC = "0e:cc:00:00:00:01"  # one MAC on every collect-md device (the inner destination)
+MD_PIN = "/sys/fs/bpf/tc/globals/md_routes"  # tc's pin of the fixture's map (each lab host has its own bpffs)
+CNI_BIN = "/var/lib/cni/bin/clustermesh-cni"  # the lab's cni_bin_dir (tools/labkit/cni_runtime.py)
+CNI_CONFLIST = "/etc/cni/net.d/10-clustermesh.conflist"
+MESH_POD_CIDRS = ("10.1.0.0/16", "10.2.0.0/16")
+
+# --------------------------------------------------------------------------------------------
+# the lab: one group of hosts per routing setup
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    cluster: str
+    segment: str
+    ip: str
+    pod_cidr: str  # this node's /24
+
+
+@dataclass(frozen=True)
+class Group:
+    """Nodes configured together. ``mode``: a routing mode of the product, or ``collect_md`` (the
+    fixture; its nodes run reconcile with no peers, for the same masquerade table as the others)."""
+
+    name: str
+    mode: str
+    nodes: tuple[str, ...]
+    pods: dict  # node -> pod names
+    masquerade: bool = True
+
+    @property
+    def routing_mode(self) -> str:
+        return "tunnel" if self.mode == "collect_md" else self.mode
+
+
+CLUSTERS = {"cluster1": {"id": 1, "pod_cidr": MESH_POD_CIDRS[0]}, "cluster2": {"id": 2, "pod_cidr": MESH_POD_CIDRS[1]}}
+SEGMENTS = [{"name": "dc1", "cidr": "198.18.1.0/24"}, {"name": "dc2", "cidr": "198.18.2.0/24"}]
+NODES = {
+    n.name: n
+    for n in (
+        Node("d1", "cluster1", "dc1", "198.18.1.11", "10.1.1.0/24"),
+        Node("d2", "cluster1", "dc1", "198.18.1.12", "10.1.2.0/24"),
+        Node("n1", "cluster1", "dc1", "198.18.1.13", "10.1.3.0/24"),
+        Node("n2", "cluster1", "dc1", "198.18.1.14", "10.1.4.0/24"),
+        Node("t1", "cluster1", "dc1", "198.18.1.15", "10.1.5.0/24"),
+        Node("t2", "cluster1", "dc1", "198.18.1.16", "10.1.6.0/24"),
+        Node("m1", "cluster1", "dc1", "198.18.1.17", "10.1.7.0/24"),
+        Node("m2", "cluster1", "dc1", "198.18.1.18", "10.1.8.0/24"),
+        Node("h1", "cluster1", "dc1", "198.18.1.19", "10.1.9.0/24"),
+        Node("h2", "cluster2", "dc1", "198.18.1.20", "10.2.1.0/24"),
+        Node("h3", "cluster2", "dc2", "198.18.2.11", "10.2.2.0/24"),
+    )
+}
+GROUPS = (
+    Group("direct", "direct", ("d1", "d2"), {"d1": ("pa", "pb"), "d2": ("pa",)}),
+    Group("direct_nomasq", "direct", ("n1", "n2"), {"n1": ("pa",), "n2": ("pa",)}, masquerade=False),
+    Group("tunnel", "tunnel", ("t1", "t2"), {"t1": ("pa",), "t2": ("pa",)}),
+    Group("collect_md", "collect_md", ("m1", "m2"), {"m1": ("pa",), "m2": ("pa",)}),
+    Group("hybrid", "hybrid", ("h1", "h2", "h3"), {"h1": ("pa",), "h2": ("pa",), "h3": ("pa",)}),
+)
+
+
+def topology() -> dict:
+    """The lab topology (tools/lab up --topology)."""
+    return {
+        "clusters": CLUSTERS,
+        "segments": SEGMENTS,
+        "hosts": [
+            {"name": n.name, "cluster": n.cluster, "segment": n.segment, "address": n.ip} for n in NODES.values()
+        ],
+    }
+
+
+def node_input(node: str) -> dict:
+    n = NODES[node]
+    return {"name": n.name, "ip": n.ip, "pod_cidrs": [n.pod_cidr]}
+
+
+def peers_of(group: Group, node: str) -> list[dict]:
+    """Routing peers of ``node``: the other nodes of its group (routing_plan's PEERS shape); none for the
+    collect-md fixture, whose tunnel is the BPF program's."""
+    if group.mode == "collect_md":
+        return []
+    return [
+        {"name": p, "cluster": NODES[p].cluster, "ip": NODES[p].ip, "pod_cidrs": [NODES[p].pod_cidr]}
+        for p in group.nodes
+        if p != node
+    ]
+
+
+def cni_conflist(pod_cidr: str, mtu: int) -> dict:
+    """The network configuration list of a node (one plugin: clustermesh-cni)."""
+    return {
+        "cniVersion": "1.0.0",
+        "name": "clustermesh",
+        "plugins": [{"type": "clustermesh-cni", "podCIDR": pod_cidr, "mtu": mtu}],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# paths and metrics
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Path:
+    name: str
+    client: tuple[str, str | None]  # (host, pod); pod None = the host's own network namespace
+    server: tuple[str, str | None]
+    what: str
+    device: str | None  # the client host's route to the server must leave through it (None: no route)
+
+
+PATHS = (
+    Path("same_node", ("d1", "pa"), ("d1", "pb"), "two pods on one node (veth, host routing)", "*"),
+    Path("plain", ("d1", None), ("d2", None), "underlay host to host on one segment, nothing of ours", "eth0"),
+    Path("direct", ("d1", "pa"), ("d2", "pa"), "pods on two nodes, mode direct", "eth0"),
+    Path("direct_nomasq", ("n1", "pa"), ("n2", "pa"), "pods on two nodes, mode direct, masquerade off", "eth0"),
+    Path("tunnel", ("t1", "pa"), ("t2", "pa"), "pods on two nodes, mode tunnel (classic FDB VXLAN)", "cm_vxlan"),
+    Path("collect_md", ("m1", "pa"), ("m2", "pa"), "pods on two nodes, collect-md VXLAN + tc BPF (fixture)", None),
+    Path("hybrid_onlink", ("h1", "pa"), ("h2", "pa"), "pods of two clusters, hybrid, on-link peer (direct)", "eth0"),
+    Path("hybrid_routed", ("h1", "pa"), ("h3", "pa"), "pods of two clusters, hybrid, routed peer", "cm_vxlan"),
+    Path("plain_routed", ("h1", None), ("h3", None), "underlay host to host through the lab router", "eth0"),
+)
+PATH_NAMES = tuple(p.name for p in PATHS)
+
+# metric -> unit
+METRICS = {
+    "gbps_1": "Gbit/s",
+    "gbps_4": "Gbit/s",
+    "rr_tps": "transactions/s",
+    "rr_p50_us": "us",
+    "rr_p99_us": "us",
+}
+RATIO_METRICS = ("gbps_1", "gbps_4", "rr_tps", "rr_p50_us")
+# ratio name -> (numerator path, denominator path)
+COMPARISONS = {
+    "direct_over_plain": ("direct", "plain"),
+    "tunnel_over_direct": ("tunnel", "direct"),
+    "collect_md_over_tunnel": ("collect_md", "tunnel"),
+    "direct_over_same_node": ("direct", "same_node"),
+    "direct_over_direct_nomasq": ("direct", "direct_nomasq"),
+    "direct_nomasq_over_plain": ("direct_nomasq", "plain"),
+    "hybrid_onlink_over_direct": ("hybrid_onlink", "direct"),
+    "hybrid_routed_over_tunnel": ("hybrid_routed", "tunnel"),
+    "hybrid_routed_over_plain_routed": ("hybrid_routed", "plain_routed"),
+}
+TARGETS = {
+    "direct >= 0.97 x plain, 1 stream": ("ratios.direct_over_plain.gbps_1", ">=", 0.97),
+    "direct >= 0.97 x plain, 4 streams": ("ratios.direct_over_plain.gbps_4", ">=", 0.97),
+    "tunnel >= 0.85 x direct, 1 stream": ("ratios.tunnel_over_direct.gbps_1", ">=", 0.85),
+    "tunnel >= 0.85 x direct, 4 streams": ("ratios.tunnel_over_direct.gbps_4", ">=", 0.85),
+}
+
+
+def sample_name(path: str, metric: str) -> str:
+    return "%s.%s" % (path, metric)
+
+
+def ratio_specs(paths) -> dict[str, tuple[str, str]]:
+    """benchlib.section ratios of the comparisons whose both paths are measured."""
+    return {
+        "%s.%s" % (name, metric): (sample_name(num, metric), sample_name(den, metric))
+        for name, (num, den) in COMPARISONS.items()
+        if num in paths and den in paths
+        for metric in RATIO_METRICS
+    }
+
+
+def target_specs(ratios) -> dict[str, tuple[str, str, float]]:
+    """The targets whose ratio is measured."""
+    return {name: spec for name, spec in TARGETS.items() if spec[0].partition(".")[2] in ratios}
+
+
+def path_order(paths, round_index: int) -> list:
+    """Paths in order on even rounds, reversed on odd ones: compared paths stay neighbours, and a drift
+    of the machine's load does not always favour the same side."""
+    return list(paths) if round_index % 2 == 0 else list(reversed(paths))
+
+
+def groups_for(paths) -> list[Group]:
+    """The groups whose hosts the paths use (each group is set up as a whole)."""
+    hosts = {h for p in paths for h in (p.client[0], p.server[0])}
+    return [g for g in GROUPS if hosts & set(g.nodes)]
+
+
+# --------------------------------------------------------------------------------------------
+# parsing (pure)
+# --------------------------------------------------------------------------------------------
+
+
+class MeasurementError(RuntimeError):
+    pass
+
+
+def parse_iperf3(text: str) -> dict:
+    """The result of ``iperf3 -c ... -J``: receiver throughput (Gbit/s), sender throughput,
+    retransmits, CPU use. Raises MeasurementError with iperf3's own message when it failed."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise MeasurementError("iperf3 printed no JSON: %r" % text[-500:]) from None
+    if not isinstance(doc, dict):
+        raise MeasurementError("iperf3 printed %s, not a JSON object" % type(doc).__name__)
+    if doc.get("error"):
+        raise MeasurementError("iperf3: %s" % doc["error"])
+    end = doc.get("end") or {}
+    received, sent = end.get("sum_received"), end.get("sum_sent")
+    if not received or not sent:
+        raise MeasurementError("iperf3 JSON without end.sum_received/end.sum_sent")
+    cpu = end.get("cpu_utilization_percent") or {}
+    start = doc.get("start") or {}
+    return {
+        "gbps": received["bits_per_second"] / 1e9,
+        "sent_gbps": sent["bits_per_second"] / 1e9,
+        "seconds": received.get("seconds"),
+        "retransmits": sent.get("retransmits"),
+        "streams": (start.get("test_start") or {}).get("num_streams"),
+        "cpu_client_pct": cpu.get("host_total"),
+        "cpu_server_pct": cpu.get("remote_total"),
+    }
+
+
+def parse_tcp_rr(text: str) -> dict:
+    """The output of ``tcp_rr client``: a header ``tcp_rr 1 <count> <elapsed_ns>``, then one latency
+    in ns per line. Returns transactions/s and latency percentiles in microseconds."""
+    words = text.split()
+    if len(words) < 4 or words[0] != "tcp_rr" or words[1] != "1":
+        raise MeasurementError("tcp_rr printed no result: %r" % text[:300])
+    try:
+        count, elapsed_ns = int(words[2]), int(words[3])
+        latencies = [int(v) / 1000.0 for v in words[4:]]
+    except ValueError as exc:
+        raise MeasurementError("tcp_rr: %s" % exc) from None
+    if count == 0 or elapsed_ns <= 0 or len(latencies) != count:
+        raise MeasurementError(
+            "tcp_rr: header says %d transactions in %d ns, %d latencies follow" % (count, elapsed_ns, len(latencies))
+        )
+    return {
+        "transactions": count,
+        "seconds": elapsed_ns / 1e9,
+        "tps": count / (elapsed_ns / 1e9),
+        "p50_us": benchlib.percentile(latencies, 50),
+        "p90_us": benchlib.percentile(latencies, 90),
+        "p99_us": benchlib.percentile(latencies, 99),
+        "min_us": min(latencies),
+        "max_us": max(latencies),
+        "mean_us": sum(latencies) / count,
+    }
+
+
+def parse_pod_add(text: str) -> str:
+    """The pod's IP: the last line ``tools/lab pod add`` prints."""
+    lines = text.strip().splitlines()
+    try:
+        return str(ipaddress.IPv4Address(lines[-1].strip()))
+    except (IndexError, ValueError):
+        raise MeasurementError("tools/lab pod add printed no IPv4 address last: %r" % text[-300:]) from None
+
+
+def route_device(text: str) -> str | None:
+    """The ``dev`` of ``ip route get`` output (None when there is none, e.g. unreachable)."""
+    words = text.split()
+    return words[words.index("dev") + 1] if "dev" in words[:-1] else None
+
+
+def md_key_hex(cidr: str) -> list[str]:
+    """bpftool hex bytes of an md_routes key (struct md_key: prefixlen in host order, address in network order)."""
+    net = ipaddress.IPv4Network(cidr)
+    return ["%02x" % b for b in struct.pack("<I", net.prefixlen) + net.network_address.packed]
+
+
+def md_value_hex(remote_ip: str, vni: int, ifindex: int, mac: str) -> list[str]:
+    """bpftool hex bytes of an md_routes value (struct md_dest: remote IPv4 in host byte order, VNI,
+    ifindex, MAC, 2 bytes of padding)."""
+    raw = struct.pack("<III", int(ipaddress.IPv4Address(remote_ip)), vni, ifindex)
+    raw += bytes(int(b, 16) for b in mac.split(":")) + b"\0\0"
+    return ["%02x" % b for b in raw]
+
+
+# --------------------------------------------------------------------------------------------
+# report (pure)
+# --------------------------------------------------------------------------------------------
+
+
+def _spread(section: dict, name: str) -> str:
+    s = section.get("spread", {}).get(name) or {}
+    if s.get("median") is None:
+        return "-"
+    fmt = "%.2f" if s["median"] < 100 else "%.0f"
+    if s["n"] == 1:
+        return fmt % s["median"]
+    return (fmt + " [" + fmt + "-" + fmt + "]") % (s["median"], s["min"], s["max"])
+
+
+def report(section: dict, paths) -> str:
+    """Readable tables: per path the median [min-max] of each metric; ratios; targets."""
+    rows = [[p] + [_spread(section, sample_name(p, m)) for m in METRICS] for p in paths]
+    out = [
+        benchlib.format_table(
+            ["path", "Gbit/s 1 stream", "Gbit/s 4 streams", "RR trans/s", "RR p50 us", "RR p99 us"], rows
+        )
+    ]
+    ratios = section.get("ratios") or {}
+    names = [n for n in COMPARISONS if any(r.startswith(n + ".") for r in ratios)]
+    if names:
+        rrows = [[n] + [(ratios.get("%s.%s" % (n, m)) or {}).get("median") for m in RATIO_METRICS] for n in names]
+        out.append(
+            benchlib.format_table(
+                ["ratio (median of per-round ratios)", "gbps_1", "gbps_4", "rr_tps", "rr_p50_us"], rrows
+            )
+        )
+    targets = section.get("targets") or {}
+    if targets:
+        trows = [
+            [n, t["value"], "%s %s" % (t["op"], t["limit"]), {True: "met", False: "NOT MET", None: "-"}[t["met"]]]
+            for n, t in targets.items()
+        ]
+        out.append(benchlib.format_table(["target", "value", "limit", "result"], trows))
+    return "\n\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# running things in the lab
+# --------------------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print("[%s] %s" % (time.strftime("%H:%M:%S"), msg), flush=True)
+
+
+def host_argv(host: str, *command: str) -> list[str]:
+    return benchlib.lab_exec_argv(PREFIX, host, *command)
+
+
+def pod_argv(host: str, pod: str, *command: str) -> list[str]:
+    return [labtools.LAB, "pod", "exec", "--prefix", PREFIX, host, pod, "--", *command]
+
+
+def run(argv: list[str], what: str, timeout: float = 60, input: str | None = None) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            "%s failed (exit %d): %s\n%s%s"
+            % (what, proc.returncode, shlex.join(argv), proc.stdout[-3000:], proc.stderr)
+        )
+    return proc.stdout
+
+
+def sh(host: str, script: str, what: str, timeout: float = 60, input: str | None = None) -> str:
+    return run(host_argv(host, "sh", "-euc", script), "%s on %s" % (what, host), timeout=timeout, input=input)
+
+
+RECONCILE = """
+import json
+from ansible_collections.clustermesh.core.plugins.module_utils.routing_state import reconcile
+r = reconcile(**json.loads(%r))
+print(json.dumps({k: r[k] for k in ("changed", "changes", "peer_modes", "pod_mtu", "underlay", "warnings")}
+                 | {"masquerade": r["masquerade"]["enabled"]}))
+"""
+
+
+def reconcile_routing(group: Group, node: str) -> dict:
+    """routing_state.reconcile (what module routing runs) inside the node, with the group's mode and peers."""
+    kwargs = {
+        "node": node_input(node),
+        "peers": peers_of(group, node),
+        "mode": group.routing_mode,
+        "masquerade": group.masquerade,
+        "mesh_pod_cidrs": list(MESH_POD_CIDRS),
+    }
+    result = benchlib.python_in(PREFIX, node, RECONCILE % json.dumps(kwargs))
+    if not isinstance(result, dict) or "peer_modes" not in result:
+        raise RuntimeError("reconcile on %s returned %r" % (node, result))
+    return result
+
+
+def install_cni(node: str, bundle: str, mtu: int) -> None:
+    """clustermesh-cni (the node_bundle zipapp) into the lab's cni_bin_dir, and the node's conflist."""
+    conflist = json.dumps(cni_conflist(NODES[node].pod_cidr, mtu), indent=1)
+    sh(
+        node,
+        "install -D -m 0755 %s %s && mkdir -p %s && cat > %s"
+        % (shlex.quote(bundle), CNI_BIN, os.path.dirname(CNI_CONFLIST), CNI_CONFLIST),
+        "CNI install",
+        input=conflist,
+    )
+
+
+def add_pod(node: str, pod: str) -> str:
+    out = run([labtools.LAB, "pod", "add", "--prefix", PREFIX, node, pod], "tools/lab pod add %s %s" % (node, pod))
+    return parse_pod_add(out)
+
+
+def setup_collect_md(group: Group, pod_ips: dict, obj: str) -> dict:
+    """The fixture on each node of the group: an external VXLAN device, the BPF program on the ingress
+    of every local pod's host-side veth (found by the pod's host route), and an md_routes entry per
+    remote pod CIDR."""
+    info = {}
+    for node in group.nodes:
+        sh(
+            node,
+            "ip link add %s type vxlan external dstport 8472\nip link set %s address %s mtu %d up"
+            % (MD_DEVICE, MD_DEVICE, MD_MAC, UNDERLAY_MTU - 50),
+            "collect-md device",
+        )
+        ifindex = json.loads(run(host_argv(node, "ip", "-j", "link", "show", MD_DEVICE), "ip link"))[0]["ifindex"]
+        veths = []
+        for pod in group.pods[node]:
+            routes = json.loads(run(host_argv(node, "ip", "-j", "route", "show", pod_ips[(node, pod)]), "ip route"))
+            veth = routes[0]["dev"]
+            veths.append(veth)
+            sh(
+                node,
+                "tc qdisc add dev %s clsact\ntc filter add dev %s ingress bpf direct-action obj %s sec tc/to_tunnel"
+                % (veth, veth, shlex.quote(obj)),
+                "tc attach",
+            )
+        for peer in group.nodes:
+            if peer != node:
+                key = md_key_hex(NODES[peer].pod_cidr)
+                value = md_value_hex(NODES[peer].ip, VNI, ifindex, MD_MAC)
+                run(
+                    host_argv(node, "bpftool", "map", "update", "pinned", MD_PIN, "key", "hex", *key, "value", "hex")
+                    + value,
+                    "bpftool map update on %s" % node,
+                )
+        info[node] = {"device": MD_DEVICE, "ifindex": ifindex, "veths": veths}
+    return info
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    reader: benchlib.LineReader = field(repr=False)
+
+
+class Servers:
+    """iperf3 and tcp_rr servers started by this process (each is the process Popen started: tools/lab
+    exec and nsenter exec into it); stopped by PID."""
+
+    def __init__(self):
+        self.servers: list[Server] = []
+
+    def start(self, name: str, argv: list[str], ready: str, timeout: float = 15) -> Server:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        server = Server(name, proc, benchlib.LineReader(proc.stdout))
+        self.servers.append(server)
+        deadline = time.monotonic() + timeout
+        while True:
+            line = server.reader.next_line(max(0.01, deadline - time.monotonic()))
+            if line is None:
+                raise RuntimeError("%s ended before it was ready: %s" % (name, "".join(server.reader.lines)))
+            if ready in line:
+                return server
+
+    def stop(self) -> None:
+        for server in self.servers:
+            if server.proc.poll() is None:
+                server.proc.terminate()
+        for server in self.servers:
+            try:
+                server.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                server.proc.kill()
+                server.proc.wait()
+        self.servers = []
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.servers = Servers()
+        self.rr_binary = os.path.join(BUILD_DIR, "tcp_rr")
+        self.bpf_object = os.path.join(BUILD_DIR, "vxlan_md.o")
+        self.bundle = os.path.join(BUILD_DIR, "clustermesh-cni")
+        self.paths = [p for p in PATHS if p.name in args.paths]
+        self.pod_ips: dict[tuple[str, str], str] = {}
+        self.setup_info: dict = {}
+
+    # endpoints ----------------------------------------------------------------------------
+
+    def argv(self, endpoint, *command: str) -> list[str]:
+        host, pod = endpoint
+        return host_argv(host, *command) if pod is None else pod_argv(host, pod, *command)
+
+    def ip(self, endpoint) -> str:
+        host, pod = endpoint
+        return NODES[host].ip if pod is None else self.pod_ips[(host, pod)]
+
+    # setup --------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """tcp_rr, the BPF fixture and the CNI bundle, into build/bench-datapath/."""
+        from ansible_collections.clustermesh.core.plugins.action.node_bundle import build_bundle
+
+        os.makedirs(BUILD_DIR, exist_ok=True)
+        run(["cc", "-O2", "-Wall", "-o", self.rr_binary, os.path.join(BPF_DIR, "tcp_rr.c")], "cc tcp_rr.c")
+        arch_include = "/usr/include/%s-linux-gnu" % os.uname().machine
+        run(
+            ["clang", "-O2", "-g", "-target", "bpf", "-I", arch_include, "-c"]
+            + [os.path.join(BPF_DIR, "vxlan_md.c"), "-o", self.bpf_object],
+            "clang vxlan_md.c",
+        )
+        with open(self.bundle, "wb") as f:
+            f.write(build_bundle("cni", labtools.PYTHON))
+        os.chmod(self.bundle, 0o755)
+
+    def setup(self) -> None:
+        topo = os.path.join(BUILD_DIR, "topology.yml")
+        with open(topo, "w") as f:
+            yaml.safe_dump(topology(), f, sort_keys=False)
+        benchlib.lab_down(PREFIX, check=False)
+        log("tools/lab up --prefix %s (%d hosts)" % (PREFIX, len(NODES)))
+        benchlib.lab_up(PREFIX, topology=topo)
+        for group in groups_for(self.paths):
+            info = {"mode": group.mode, "masquerade": group.masquerade, "routing": {}, "pods": {}}
+            for node in group.nodes:
+                result = reconcile_routing(group, node)
+                info["routing"][node] = result
+                install_cni(node, self.bundle, result["pod_mtu"])
+                for pod in group.pods[node]:
+                    self.pod_ips[(node, pod)] = add_pod(node, pod)
+                    info["pods"]["%s/%s" % (node, pod)] = self.pod_ips[(node, pod)]
+            if group.mode == "collect_md":
+                info["collect_md"] = setup_collect_md(group, self.pod_ips, self.bpf_object)
+            self.setup_info[group.name] = info
+            log(
+                "setup %-13s %s; pods %s"
+                % (
+                    group.name,
+                    " ".join("%s:%s" % (n, r["peer_modes"] or "-") for n, r in info["routing"].items()),
+                    " ".join("%s=%s" % kv for kv in info["pods"].items()),
+                )
+            )
+        for path in self.paths:
+            self.check(path)
+        started = set()
+        for path in self.paths:
+            if path.server in started:
+                continue
+            started.add(path.server)
+            label = "%s/%s" % path.server
+            iperf = ("iperf3", "-s", "-p", str(IPERF_PORT), "--forceflush")
+            self.servers.start("iperf3 server " + label, self.argv(path.server, *iperf), "Server listening")
+            rr = ("taskset", "-c", str(self.args.rr_cpu), self.rr_binary, "server", str(RR_PORT))
+            self.servers.start("tcp_rr server " + label, self.argv(path.server, *rr), "ready")
+
+    def check(self, path: Path) -> None:
+        """The path works, and leaves the client host by the device it is meant to, before anything is
+        measured (collect_md has no route at all: only the BPF program can carry it)."""
+        dst = self.ip(path.server)
+        proc = subprocess.run(
+            self.argv(path.client, "ping", "-c", "2", "-i", "0.2", "-W", "2", dst),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                "path %s: %s/%s cannot reach %s (%s/%s):\n%s%s"
+                % (path.name, *path.client, dst, *path.server, proc.stdout, proc.stderr)
+            )
+        argv = host_argv(path.client[0], "ip", "route", "get", dst)
+        route = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        text = (route.stdout or route.stderr).strip()
+        device = route_device(text) if route.returncode == 0 else None
+        if path.device != "*" and device != path.device:
+            raise RuntimeError(
+                "path %s: %s's route to %s leaves by %s, expected %s: %s"
+                % (path.name, path.client[0], dst, device, path.device or "no route", text)
+            )
+        self.setup_info.setdefault("routes", {})[path.name] = text
+
+    # measuring ----------------------------------------------------------------------------
+
+    def iperf3(self, path: Path, streams: int) -> dict:
+        a = self.args
+        argv = self.argv(
+            path.client,
+            *("iperf3", "-c", self.ip(path.server), "-p", str(IPERF_PORT), "-t", str(a.time), "-O", str(a.omit)),
+            *("-P", str(streams), "-J"),
+        )
+        for attempt in (1, 2):
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=a.time + a.omit + 30, check=False)
+            try:
+                return parse_iperf3(proc.stdout)
+            except MeasurementError as exc:
+                if attempt == 2:
+                    raise MeasurementError(
+                        "path %s, %d streams: %s %s" % (path.name, streams, exc, proc.stderr)
+                    ) from None
+                log("  %s: %s; retrying once" % (path.name, exc))
+                time.sleep(1)
+        raise AssertionError("not reached")
+
+    def tcp_rr(self, path: Path) -> dict:
+        cpu, seconds = str(self.args.rr_cpu), str(self.args.rr_time)
+        argv = self.argv(
+            path.client, "taskset", "-c", cpu, self.rr_binary, "client", self.ip(path.server), str(RR_PORT), seconds
+        )
+        out = run(argv + [str(RR_WARMUP)], "tcp_rr client (path %s)" % path.name, timeout=self.args.rr_time + 30)
+        return parse_tcp_rr(out)
+
+    def measure(self, rounds: int) -> dict:
+        names = [p.name for p in self.paths]
+        samples = {sample_name(p, m): [] for p in names for m in METRICS}
+        details: dict = {"iperf3": {}, "tcp_rr": {}}
+        loads = []
+        for r in range(rounds):
+            loads.append(benchlib.load_average())
+            order = path_order(self.paths, r)
+            log("round %d/%d, order %s (load %s)" % (r + 1, rounds, " ".join(p.name for p in order), loads[-1]))
+            for streams, metric in ((1, "gbps_1"), (4, "gbps_4")):
+                for path in order:
+                    res = self.iperf3(path, streams)
+                    samples[sample_name(path.name, metric)].append(res["gbps"])
+                    details["iperf3"].setdefault(sample_name(path.name, metric), []).append(res)
+                    log(
+                        "  %-14s %d stream(s) %6.2f Gbit/s  retr %s"
+                        % (path.name, streams, res["gbps"], res["retransmits"])
+                    )
+            for path in order:
+                res = self.tcp_rr(path)
+                for metric, key in (("rr_tps", "tps"), ("rr_p50_us", "p50_us"), ("rr_p99_us", "p99_us")):
+                    samples[sample_name(path.name, metric)].append(res[key])
+                details["tcp_rr"].setdefault(path.name, []).append(res)
+                log(
+                    "  %-14s RR %6.0f/s  p50 %6.1f us  p99 %6.1f us"
+                    % (path.name, res["tps"], res["p50_us"], res["p99_us"])
+                )
+        ratios = ratio_specs(names)
+        return benchlib.section(
+            samples,
+            ratios=ratios,
+            targets=target_specs(ratios),
+            units={sample_name(p, m): METRICS[m] for p in names for m in METRICS},
+            notes=self.notes(),
+            extra={
+                "paths": {
+                    p.name: {"client": "%s/%s" % p.client, "server": "%s/%s" % p.server, "what": p.what}
+                    for p in self.paths
+                },
+                "topology": topology(),
+                "setup": self.setup_info,
+                "parameters": {
+                    "iperf3_time_s": self.args.time,
+                    "iperf3_omit_s": self.args.omit,
+                    "rr_time_s": self.args.rr_time,
+                    "rr_warmup_transactions": RR_WARMUP,
+                    "rr_cpu": self.args.rr_cpu,
+                },
+                "versions": versions(),
+                "load_average_per_round": loads,
+                "details": details,
+            },
+        )
+
+    def notes(self) -> list[str]:
+        a = self.args
+        return [
+            "gbps_*: iperf3 receiver throughput (end.sum_received), %d s after %d s omitted, 1 or 4 parallel "
+            "streams, client and server unpinned" % (a.time, a.omit),
+            "rr_*: tcp_rr (bench/bpf/tcp_rr.c): one TCP connection, 1-byte request and response back to back "
+            "for %g s after %d warm-up transactions, client and server pinned to CPU %d (on this 2-vCPU VM a "
+            "cross-CPU wake-up adds ~40 us at random, which hides the datapath); p50/p99 of every transaction"
+            % (a.rr_time, RR_WARMUP, a.rr_cpu),
+            "ratios are numerator/denominator per round, median over rounds; for rr_p50_us a ratio above 1 "
+            "means the numerator is slower",
+            "routing: routing_state.reconcile in each lab host (masquerade on unless the path says otherwise, "
+            "mesh pod CIDRs %s); pods: tools/lab pod add with clustermesh-cni (node_bundle zipapp)"
+            % ", ".join(MESH_POD_CIDRS),
+            "collect_md is a benchmark fixture (bench/bpf/vxlan_md.c) on nodes with the same CNI pods and the "
+            "same masquerade table as tunnel (reconcile with no peers); no outer UDP checksum on either VXLAN path",
+        ]
+
+
+def versions() -> dict:
+    def first_line(argv):
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        except OSError:
+            return None
+        text = (proc.stdout or proc.stderr).strip()
+        return text.splitlines()[0] if text else None
+
+    return {"iperf3": first_line(["iperf3", "--version"]), "clang": first_line(["clang", "--version"])}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+    parser.add_argument("--rounds", type=int, help="rounds (default %d; --quick: 1)" % benchlib.MIN_ROUNDS)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 1 s samples")
+    parser.add_argument("--time", type=int, help="iperf3 seconds per sample (default 5; --quick: 1)")
+    parser.add_argument("--omit", type=int, help="iperf3 seconds omitted at the start (default 1; --quick: 0)")
+    parser.add_argument("--rr-time", type=float, help="tcp_rr seconds per sample (default 2; --quick: 0.5)")
+    parser.add_argument("--rr-cpu", type=int, default=0, help="CPU of tcp_rr client and server (default 0)")
+    parser.add_argument("--only", help="comma-separated paths (default all): %s" % ",".join(PATH_NAMES))
+    parser.add_argument("--output", help="result file (default: bench/results/%s.json)" % NAME)
+    parser.add_argument("--keep-lab", action="store_true", help="leave lab %s up at the end (debugging)" % PREFIX)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.rounds = args.rounds if args.rounds is not None else (1 if quick else benchlib.MIN_ROUNDS)
+    args.time = args.time or (1 if quick else 5)
+    args.omit = args.omit if args.omit is not None else (0 if quick else 1)
+    args.rr_time = args.rr_time or (0.5 if quick else 2.0)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    args.paths = PATH_NAMES
+    if args.only:
+        args.paths = tuple(p.strip() for p in args.only.split(",") if p.strip())
+        unknown = sorted(set(args.paths) - set(PATH_NAMES))
+        if unknown:
+            parser.error("--only: unknown path(s) %s; paths: %s" % (", ".join(unknown), ", ".join(PATH_NAMES)))
+    args.output = args.output or (os.path.join(BUILD_DIR, "datapath-quick.json") if quick else None)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("the lab needs root", file=sys.stderr)
+        return 2
+    if args.rounds < benchlib.MIN_ROUNDS:
+        log("warning: %d round(s); the project's rule is at least %d" % (args.rounds, benchlib.MIN_ROUNDS))
+
+    def terminate(signum, _frame):
+        raise KeyboardInterrupt("signal %d" % signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    benchlib.ensure_collection_link()
+    if benchlib.COLLECTIONS_ROOT not in sys.path:
+        sys.path.insert(0, benchlib.COLLECTIONS_ROOT)
+    started = time.monotonic()
+    load_start = benchlib.load_average()
+    log("host %s; load average at start %s" % (benchlib.host_facts(), load_start))
+    bench = Bench(args)
+    failed = False
+    try:
+        bench.build()
+        bench.setup()
+        section = bench.measure(args.rounds)
+    except Exception as exc:  # noqa: BLE001 - recorded in the result; the lab still goes down
+        failed = True
+        traceback.print_exc()
+        section = {"error": "%s: %s" % (type(exc).__name__, exc), "samples": {}, "ratios": {}, "targets": {}}
+    finally:
+        # a second Ctrl-C must not interrupt the cleanup (children inherit the ignored signals)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        bench.servers.stop()
+        if args.keep_lab:
+            log("lab %s left up (--keep-lab); remove it with: tools/lab down --prefix %s" % (PREFIX, PREFIX))
+        else:
+            log("tools/lab down --prefix %s" % PREFIX)
+            try:
+                benchlib.lab_down(PREFIX)
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+                failed = True
+    load_end = benchlib.load_average()
+    doc = benchlib.result_document(
+        NAME,
+        rounds=args.rounds,
+        benchmarks={"datapath": section},
+        timestamp=benchlib.utc_timestamp(),
+        commit=benchlib.git_commit(),
+        host=benchlib.host_facts(),
+        load_average={"start": load_start, "end": load_end},
+        argv=sys.argv[1:] if argv is None else argv,
+        duration_s=round(time.monotonic() - started, 1),
+    )
+    path = benchlib.write_result(doc, path=args.output)
+    print()
+    if "error" in section:
+        print("FAILED: %s" % section["error"])
+    else:
+        print(report(section, [p.name for p in bench.paths]))
+    print()
+    print("load average: start %s, end %s (%s CPUs)" % (load_start, load_end, doc["host"]["nproc"]))
+    print("results: %s" % path)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
