@@ -63,7 +63,7 @@ options:
   external_router:
     description:
       - In V(direct) mode, an off-link peer is reached through a router that already carries pod CIDRs
-        (BGP or static routes): nothing is installed for it, only its reachability is checked.
+        (BGP or static routes) - nothing is installed for it, only its reachability is checked.
       - Without it an off-link peer in V(direct) mode is an error.
     type: bool
     default: false
