@@ -124,9 +124,12 @@ class ActionModule(ActionBase):
         ping = self._execute_module(module_name="ansible.legacy.ping", module_args={}, task_vars=task_vars)
         found = (ping.get("ansible_facts") or {}).get("discovered_interpreter_python")
         if ping.get("failed") or not found:
+            why = ping.get("msg") or "no interpreter discovered"
+            if found:
+                why = "discovered %s, which failed: %s %s" % (found, why, (ping.get("module_stderr") or "").strip())
             raise AnsibleActionFail(
                 "cannot tell which Python runs on %s (%s); set the option interpreter or ansible_python_interpreter"
-                % (task_vars.get("inventory_hostname"), ping.get("msg", "no interpreter discovered"))
+                % (task_vars.get("inventory_hostname"), why.strip())
             )
         return found, {"discovered_interpreter_python": found}
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -364,20 +363,8 @@ def cmd_list():
     return 0
 
 
-def cmd_exec(name, command):
-    check_pod_name(name)
-    if not os.path.exists(netns_path(name)):
-        raise RuntimeError_("no pod %s on this host" % name)
-    if not command:
-        command = ["bash"] if shutil.which("bash") else ["sh"]
-    argv = ["nsenter", "--net=" + netns_path(name), "--"] + command
-    sys.stdout.flush()
-    os.execvp(argv[0], argv)
-    return 127  # not reached
-
-
 def main(argv):
-    """``cni_runtime.py add NAME [LABELS]`` / ``del NAME`` / ``check NAME`` / ``list`` / ``exec NAME CMD...``"""
+    """``cni_runtime.py add NAME [LABELS]`` / ``del NAME`` / ``check NAME`` / ``list``"""
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     cni_path = os.environ.get("CLUSTERMESH_LAB_CNI_PATH") or LAB_CNI_BIN_DIR
     try:
@@ -390,8 +377,6 @@ def main(argv):
             return cmd_check(argv[1], cni_path)
         if action == "list":
             return cmd_list()
-        if action == "exec":
-            return cmd_exec(argv[1], argv[2:])
         raise RuntimeError_("unknown action %r" % action)
     except RuntimeError_ as exc:
         print("tools/lab: %s" % exc, file=sys.stderr)

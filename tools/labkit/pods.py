@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
-from .cni_runtime import LAB_CNI_BIN_DIR, check_pod_name, parse_labels
+from .cni_runtime import LAB_CNI_BIN_DIR, check_pod_name, netns_path, parse_labels
 from .cni_runtime import RuntimeError_ as PodError
-from .state import Lab, LabError, nsenter, resolve_prefix
+from .state import PREFIX_ENV, Lab, LabError, nsenter, resolve_prefix
 
 RUNTIME = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cni_runtime.py")
 
@@ -85,9 +86,17 @@ def cmd_exec(args):
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    argv = _runtime_argv(lab, args.host, "exec", args.name, *command)
+    if not command:
+        command = ["bash"] if shutil.which("bash") else ["sh"]
+    # no Python inside: the host's shell checks the pod exists and enters its netns (nsenter, never
+    # ip netns exec, which would remount /sys)
+    script = (
+        'if [ ! -e "$1" ]; then echo "tools/lab: no pod $2 on this host" >&2; exit 1; fi; '
+        'ns=$1; shift 2; exec nsenter --net="$ns" -- "$@"'
+    )
+    argv = _host_argv(lab, args.host) + ["sh", "-c", script, "sh", netns_path(args.name), args.name, *command]
     sys.stdout.flush()
-    os.execvpe(argv[0], argv, _env(args))
+    os.execvp(argv[0], argv)
     return 127  # not reached
 
 
@@ -132,8 +141,13 @@ def add_parser(sub, common):
         metavar="DIRS",
         help="CNI_PATH inside the host (default: %(default)s, the lab's cni_bin_dir)",
     )
+    # --prefix is accepted before and after the pod command (tools/lab pod --prefix P add ... or
+    # tools/lab pod add --prefix P ...); SUPPRESS keeps the inner one from resetting the outer one.
+    prefix = argparse.ArgumentParser(add_help=False)
+    prefix.add_argument("--prefix", default=argparse.SUPPRESS, help="lab prefix (default: $%s or cml)" % PREFIX_ENV)
     pod = sub.add_parser(
         "pod",
+        parents=[common],
         help="pods on a host, wired by its CNI plugin (add, del, exec, list, check)",
         description="Pods on lab hosts: network namespaces wired by the host's CNI plugin, exactly as a "
         "container runtime calls it (see docs/lab.md).",
@@ -142,7 +156,7 @@ def add_parser(sub, common):
 
     p = psub.add_parser(
         "add",
-        parents=[common, cni],
+        parents=[prefix, cni],
         help="create a pod; the last line printed is its IP address",
         usage="tools/lab pod add [--prefix P] [--labels k=v,...] HOST NAME",
     )
@@ -151,14 +165,14 @@ def add_parser(sub, common):
     p.add_argument("--labels", default="", metavar="k=v,...", help="pod labels, passed as args.cni.labels")
     p.set_defaults(func=cmd_add)
 
-    p = psub.add_parser("del", parents=[common, cni], help="stop the pod's processes, CNI DEL, remove its netns")
+    p = psub.add_parser("del", parents=[prefix, cni], help="stop the pod's processes, CNI DEL, remove its netns")
     p.add_argument("host", metavar="HOST")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=cmd_del)
 
     p = psub.add_parser(
         "exec",
-        parents=[common, cni],
+        parents=[prefix],
         help="run a command in the pod (host's mount/UTS, pod's netns)",
         usage="tools/lab pod exec [--prefix P] HOST NAME [--] [CMD ...]",
     )
@@ -167,12 +181,12 @@ def add_parser(sub, common):
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD")
     p.set_defaults(func=cmd_exec)
 
-    p = psub.add_parser("list", parents=[common], help="pods of one host or of every host")
+    p = psub.add_parser("list", parents=[prefix], help="pods of one host or of every host")
     p.add_argument("host", nargs="?", metavar="HOST")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_list)
 
-    p = psub.add_parser("check", parents=[common, cni], help="CNI CHECK of the pod's attachment")
+    p = psub.add_parser("check", parents=[prefix, cni], help="CNI CHECK of the pod's attachment")
     p.add_argument("host", metavar="HOST")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=cmd_check)
