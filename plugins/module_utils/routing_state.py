@@ -245,7 +245,7 @@ def _parse_vxlan(ipr, msg, names):
             "%s/%s" % (a.get("IFA_LOCAL") or a.get("IFA_ADDRESS"), a["prefixlen"])
             for a in ipr.get_addr(index=index, family=socket.AF_INET)
         ),
-        key=lambda a: ipaddress.ip_interface(a),
+        key=ipaddress.ip_interface,
     )
     return {
         "kind": kind,

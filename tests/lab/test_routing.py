@@ -137,7 +137,7 @@ def snapshot(host):
     out = run_in(PREFIX, host, "sh", "-c", script).stdout
     result = {}
     for chunk in out.split("@@")[1:]:
-        name, _, body = chunk.partition("\n")
+        name, unused, body = chunk.partition("\n")
         result[name] = [line.strip() for line in body.strip().splitlines() if line.strip()]
     return result
 

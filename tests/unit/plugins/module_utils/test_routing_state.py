@@ -22,8 +22,8 @@ MAC_N2 = overlay_mac("198.18.1.12")
 MAC_C2N2 = overlay_mac("198.18.2.11")
 
 
-def plan(mode, peers=PEERS, **kw):
-    return plan_routing(NODE, peers, mode, UNDERLAY["prefixlen"], UNDERLAY["mtu"], **kw)
+def plan(mode, peers=None, **kw):
+    return plan_routing(NODE, PEERS if peers is None else peers, mode, UNDERLAY["prefixlen"], UNDERLAY["mtu"], **kw)
 
 
 def applied(mode, **kw):
