@@ -185,15 +185,21 @@ def state_text(state):
     return "\n".join(lines) + "\n"
 
 
+def _not_underlay(label):
+    label = str(label or "")
+    return label == "lo" or label.startswith("cm_")
+
+
 def underlay_link(ipr, node_ip, ifname=None):
     """The underlay: the interface holding ``node_ip`` (or ``ifname`` when given), as
     {ifname, index, prefixlen, mtu}; ``prefixlen`` is that of the node IP's address, which decides
     which peers are on-link. Raises RoutingStateError when no interface holds the node IP."""
-    holder = None
-    for msg in ipr.get_addr(family=socket.AF_INET):
-        if (msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")) == node_ip:
-            holder = msg
-            break
+    holders = [
+        m for m in ipr.get_addr(family=socket.AF_INET) if (m.get("IFA_LOCAL") or m.get("IFA_ADDRESS")) == node_ip
+    ]
+    # the node IP may also sit on lo or on a device of ours (anycast, tests): a real link wins
+    holders.sort(key=lambda m: _not_underlay(m.get("IFA_LABEL")))
+    holder = holders[0] if holders else None
     if holder is None:
         raise RoutingStateError(
             "node ip %s: no interface of this node holds it, so there is no underlay to route over; "

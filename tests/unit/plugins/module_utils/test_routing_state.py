@@ -311,7 +311,8 @@ class AddrIPR(FakeIPR):
         self.addresses = addresses
 
     def get_addr(self, family):
-        return [dict(IFA_LOCAL=ip, prefixlen=plen, index=idx) for ip, plen, idx in self.addresses]
+        names = {v: k for k, v in self.links.items()}
+        return [dict(IFA_LOCAL=ip, IFA_LABEL=names[idx], prefixlen=plen, index=idx) for ip, plen, idx in self.addresses]
 
     def link(self, op, index=None, **kw):
         names = {v: k for k, v in self.links.items()}
@@ -319,7 +320,8 @@ class AddrIPR(FakeIPR):
 
 
 def test_underlay_is_the_interface_holding_the_node_ip():
-    ipr = AddrIPR([("127.0.0.1", 8, 1), ("198.18.1.11", 24, 2)])
+    ipr = AddrIPR([("127.0.0.1", 8, 1), ("198.18.1.11", 32, 1), ("198.18.1.11", 24, 2)])
+    ipr.links["lo"] = 1
     assert rs.underlay_link(ipr, "198.18.1.11") == {"ifname": "eth0", "index": 2, "prefixlen": 24, "mtu": 9000}
     with pytest.raises(rs.RoutingStateError, match="node ip 198.18.9.9: no interface of this node holds it"):
         rs.underlay_link(ipr, "198.18.9.9")
