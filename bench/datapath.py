@@ -6,8 +6,9 @@ Every round measures every path below, one after the other (order reversed every
 with iperf3 1 stream, iperf3 4 streams and tcp_rr (a TCP request/response loop, 1-byte messages):
 
 same_node       two pods on one node (the reference for pod plumbing)
-plain           iperf3 between two lab hosts' underlay addresses: plain kernel forwarding over the
-                lab's bridge, no pod and no device or table of ours (the physical reference)
+plain           iperf3 between the underlay addresses of two lab hosts left as tools/lab made them
+                (one segment: the lab's bridge; no pod, no device, route or table of ours): the
+                physical reference
 direct          pods on two nodes of one cluster, routing mode direct
 direct_nomasq   the same with routing_masquerade off (no nftables NAT table, so no conntrack)
 tunnel          pods on two nodes, routing mode tunnel (classic VXLAN: FDB + neighbour + onlink routes)
@@ -15,13 +16,14 @@ collect_md      pods on two nodes over a collect-metadata VXLAN device fed by a 
                 (bench/bpf/vxlan_md.c: a benchmark fixture, not the product's datapath)
 hybrid_onlink   pods of two clusters, routing mode hybrid, peer on the same segment (routed directly)
 hybrid_routed   pods of two clusters, routing mode hybrid, peer behind the lab router (tunnelled)
-plain_routed    iperf3 between the underlay addresses of the hybrid_routed pair (through the router)
+plain_routed    the same between two such hosts on different segments (through the lab router, like
+                hybrid_routed)
 
 What is measured is what the collection ships: each node's routing is set up by
-``routing_state.reconcile`` (the library of module ``routing``) run inside the lab host, and pods
-are made by ``tools/lab pod add``, which calls the CNI plugin clustermesh-cni (installed into each
-lab host as the node_bundle zipapp with a conflist) exactly as a container runtime does. Each path
-has its own lab hosts, set up once before the first round. Ratios are per round (both values from
+``routing_state.reconcile`` (the library of module ``routing``) run inside the lab host, the CNI
+plugin clustermesh-cni is installed by role ``cni`` (one ansible-playbook run), and pods are made by
+``tools/lab pod add``, which calls the plugin exactly as a container runtime does. Each path has its
+own lab hosts, set up once before the first round. Ratios are per round (both values from
 the same round); their median is reported. Targets: direct >= 0.97 x plain and tunnel >= 0.85 x
 direct (iperf3 throughput, 1 and 4 streams).
 
@@ -61,8 +63,6 @@ VNI = 2  # the classic device's VNI (routing_plan.VXLAN_VNI), reused by the coll
 MD_DEVICE = "bvx_md"  # the fixture's external VXLAN device (not cm_: it is not product state)
 MD_MAC = "0e:cc:00:00:00:01"  # one MAC on every collect-md device (the inner destination)
 MD_PIN = "/sys/fs/bpf/tc/globals/md_routes"  # tc's pin of the fixture's map (each lab host has its own bpffs)
-CNI_BIN = "/var/lib/cni/bin/clustermesh-cni"  # the lab's cni_bin_dir (tools/labkit/cni_runtime.py)
-CNI_CONFLIST = "/etc/cni/net.d/10-clustermesh.conflist"
 MESH_POD_CIDRS = ("10.1.0.0/16", "10.2.0.0/16")
 
 # --------------------------------------------------------------------------------------------
@@ -73,16 +73,17 @@ MESH_POD_CIDRS = ("10.1.0.0/16", "10.2.0.0/16")
 @dataclass(frozen=True)
 class Node:
     name: str
-    cluster: str
+    cluster: str | None
     segment: str
     ip: str
-    pod_cidr: str  # this node's /24
+    pod_cidr: str | None  # this node's /24 (None: a host without pods)
 
 
 @dataclass(frozen=True)
 class Group:
-    """Nodes configured together. ``mode``: a routing mode of the product, or ``collect_md`` (the
-    fixture; its nodes run reconcile with no peers, for the same masquerade table as the others)."""
+    """Nodes configured together. ``mode``: a routing mode of the product; ``collect_md`` (the fixture:
+    its nodes run reconcile with no peers, for the same masquerade table as the others); ``none`` (hosts
+    left as tools/lab made them: the physical reference)."""
 
     name: str
     mode: str
@@ -111,6 +112,9 @@ NODES = {
         Node("h1", "cluster1", "dc1", "198.18.1.19", "10.1.9.0/24"),
         Node("h2", "cluster2", "dc1", "198.18.1.20", "10.2.1.0/24"),
         Node("h3", "cluster2", "dc2", "198.18.2.11", "10.2.2.0/24"),
+        Node("p1", None, "dc1", "198.18.1.21", None),
+        Node("p2", None, "dc1", "198.18.1.22", None),
+        Node("p3", None, "dc2", "198.18.2.12", None),
     )
 }
 GROUPS = (
@@ -119,6 +123,7 @@ GROUPS = (
     Group("tunnel", "tunnel", ("t1", "t2"), {"t1": ("pa",), "t2": ("pa",)}),
     Group("collect_md", "collect_md", ("m1", "m2"), {"m1": ("pa",), "m2": ("pa",)}),
     Group("hybrid", "hybrid", ("h1", "h2", "h3"), {"h1": ("pa",), "h2": ("pa",), "h3": ("pa",)}),
+    Group("plain", "none", ("p1", "p2", "p3"), {}, masquerade=False),
 )
 
 
@@ -128,7 +133,8 @@ def topology() -> dict:
         "clusters": CLUSTERS,
         "segments": SEGMENTS,
         "hosts": [
-            {"name": n.name, "cluster": n.cluster, "segment": n.segment, "address": n.ip} for n in NODES.values()
+            {"name": n.name, "segment": n.segment, "address": n.ip} | ({"cluster": n.cluster} if n.cluster else {})
+            for n in NODES.values()
         ],
     }
 
@@ -150,15 +156,6 @@ def peers_of(group: Group, node: str) -> list[dict]:
     ]
 
 
-def cni_conflist(pod_cidr: str, mtu: int) -> dict:
-    """The network configuration list of a node (one plugin: clustermesh-cni)."""
-    return {
-        "cniVersion": "1.0.0",
-        "name": "clustermesh",
-        "plugins": [{"type": "clustermesh-cni", "podCIDR": pod_cidr, "mtu": mtu}],
-    }
-
-
 # --------------------------------------------------------------------------------------------
 # paths and metrics
 # --------------------------------------------------------------------------------------------
@@ -175,14 +172,14 @@ class Path:
 
 PATHS = (
     Path("same_node", ("d1", "pa"), ("d1", "pb"), "two pods on one node (veth, host routing)", "*"),
-    Path("plain", ("d1", None), ("d2", None), "underlay host to host on one segment, nothing of ours", "eth0"),
+    Path("plain", ("p1", None), ("p2", None), "underlay host to host on one segment, nothing of ours", "eth0"),
     Path("direct", ("d1", "pa"), ("d2", "pa"), "pods on two nodes, mode direct", "eth0"),
     Path("direct_nomasq", ("n1", "pa"), ("n2", "pa"), "pods on two nodes, mode direct, masquerade off", "eth0"),
     Path("tunnel", ("t1", "pa"), ("t2", "pa"), "pods on two nodes, mode tunnel (classic FDB VXLAN)", "cm_vxlan"),
     Path("collect_md", ("m1", "pa"), ("m2", "pa"), "pods on two nodes, collect-md VXLAN + tc BPF (fixture)", None),
     Path("hybrid_onlink", ("h1", "pa"), ("h2", "pa"), "pods of two clusters, hybrid, on-link peer (direct)", "eth0"),
     Path("hybrid_routed", ("h1", "pa"), ("h3", "pa"), "pods of two clusters, hybrid, routed peer", "cm_vxlan"),
-    Path("plain_routed", ("h1", None), ("h3", None), "underlay host to host through the lab router", "eth0"),
+    Path("plain_routed", ("p1", None), ("p3", None), "underlay host to host through the lab router", "eth0"),
 )
 PATH_NAMES = tuple(p.name for p in PATHS)
 
@@ -437,16 +434,39 @@ def reconcile_routing(group: Group, node: str) -> dict:
     return result
 
 
-def install_cni(node: str, bundle: str, mtu: int) -> None:
-    """clustermesh-cni (the node_bundle zipapp) into the lab's cni_bin_dir, and the node's conflist."""
-    conflist = json.dumps(cni_conflist(NODES[node].pod_cidr, mtu), indent=1)
-    sh(
-        node,
-        "install -D -m 0755 %s %s && mkdir -p %s && cat > %s"
-        % (shlex.quote(bundle), CNI_BIN, os.path.dirname(CNI_CONFLIST), CNI_CONFLIST),
-        "CNI install",
-        input=conflist,
-    )
+CNI_PLAYBOOK = """
+- name: CNI plugin on the benchmark's nodes (role cni, as tests/lab/test_cni.py installs it)
+  hosts: "{{ bench_cni_nodes }}"
+  gather_facts: false
+  tasks:
+    - name: Role cni
+      ansible.builtin.include_role:
+        name: clustermesh.core.cni
+      vars:
+        cni_pod_cidr: "{{ bench_cni[inventory_hostname].pod_cidr }}"
+        cni_mtu: "{{ bench_cni[inventory_hostname].mtu }}"
+"""
+
+
+def cni_vars(mtus: dict) -> dict:
+    """Extra vars of CNI_PLAYBOOK: node -> pod MTU (from reconcile) gives each node's pod CIDR and MTU."""
+    return {
+        "bench_cni_nodes": ",".join(sorted(mtus)),
+        "bench_cni": {node: {"pod_cidr": NODES[node].pod_cidr, "mtu": mtu} for node, mtu in sorted(mtus.items())},
+    }
+
+
+def install_cni(mtus: dict) -> float:
+    """Role cni on every node of ``mtus`` (node -> pod MTU); returns the playbook's wall time."""
+    book = os.path.join(BUILD_DIR, "cni.yml")
+    extra = os.path.join(BUILD_DIR, "cni-vars.json")
+    with open(book, "w") as f:
+        f.write(CNI_PLAYBOOK)
+    with open(extra, "w") as f:
+        json.dump(cni_vars(mtus), f)
+    started = time.monotonic()
+    benchlib.require_ok(benchlib.run_playbook(PREFIX, book, "-e", "@" + extra, timeout=600), "role cni")
+    return time.monotonic() - started
 
 
 def add_pod(node: str, pod: str) -> str:
@@ -536,7 +556,6 @@ class Bench:
         self.servers = Servers()
         self.rr_binary = os.path.join(BUILD_DIR, "tcp_rr")
         self.bpf_object = os.path.join(BUILD_DIR, "vxlan_md.o")
-        self.bundle = os.path.join(BUILD_DIR, "clustermesh-cni")
         self.paths = [p for p in PATHS if p.name in args.paths]
         self.pod_ips: dict[tuple[str, str], str] = {}
         self.setup_info: dict = {}
@@ -554,20 +573,15 @@ class Bench:
     # setup --------------------------------------------------------------------------------
 
     def build(self) -> None:
-        """tcp_rr, the BPF fixture and the CNI bundle, into build/bench-datapath/."""
-        from ansible_collections.clustermesh.core.plugins.action.node_bundle import build_bundle
-
+        """tcp_rr and the BPF fixture, into build/bench-datapath/."""
         os.makedirs(BUILD_DIR, exist_ok=True)
-        run(["cc", "-O2", "-Wall", "-o", self.rr_binary, os.path.join(BPF_DIR, "tcp_rr.c")], "cc tcp_rr.c")
+        run(["clang", "-O2", "-Wall", "-o", self.rr_binary, os.path.join(BPF_DIR, "tcp_rr.c")], "clang tcp_rr.c")
         arch_include = "/usr/include/%s-linux-gnu" % os.uname().machine
         run(
             ["clang", "-O2", "-g", "-target", "bpf", "-I", arch_include, "-c"]
             + [os.path.join(BPF_DIR, "vxlan_md.c"), "-o", self.bpf_object],
             "clang vxlan_md.c",
         )
-        with open(self.bundle, "wb") as f:
-            f.write(build_bundle("cni", labtools.PYTHON))
-        os.chmod(self.bundle, 0o755)
 
     def setup(self) -> None:
         topo = os.path.join(BUILD_DIR, "topology.yml")
@@ -576,18 +590,28 @@ class Bench:
         benchlib.lab_down(PREFIX, check=False)
         log("tools/lab up --prefix %s (%d hosts)" % (PREFIX, len(NODES)))
         benchlib.lab_up(PREFIX, topology=topo)
-        for group in groups_for(self.paths):
+        groups = [g for g in groups_for(self.paths) if g.mode != "none"]
+        mtus = {}
+        for group in groups:
             info = {"mode": group.mode, "masquerade": group.masquerade, "routing": {}, "pods": {}}
             for node in group.nodes:
-                result = reconcile_routing(group, node)
-                info["routing"][node] = result
-                install_cni(node, self.bundle, result["pod_mtu"])
+                info["routing"][node] = reconcile_routing(group, node)
+                mtus[node] = info["routing"][node]["pod_mtu"]
+            self.setup_info[group.name] = info
+        if mtus:
+            log("role cni on %s" % " ".join(sorted(mtus)))
+            self.setup_info["cni_playbook_s"] = round(install_cni(mtus), 1)
+        for group in groups:
+            info = self.setup_info[group.name]
+            for node in group.nodes:
                 for pod in group.pods[node]:
                     self.pod_ips[(node, pod)] = add_pod(node, pod)
                     info["pods"]["%s/%s" % (node, pod)] = self.pod_ips[(node, pod)]
             if group.mode == "collect_md":
                 info["collect_md"] = setup_collect_md(group, self.pod_ips, self.bpf_object)
-            self.setup_info[group.name] = info
+            if group.mode == "tunnel":
+                out = run(host_argv(group.nodes[0], "ip", "-d", "link", "show", "cm_vxlan"), "ip -d link")
+                info["vxlan_device"] = " ".join(out.split())
             log(
                 "setup %-13s %s; pods %s"
                 % (
@@ -732,10 +756,10 @@ class Bench:
             "ratios are numerator/denominator per round, median over rounds; for rr_p50_us a ratio above 1 "
             "means the numerator is slower",
             "routing: routing_state.reconcile in each lab host (masquerade on unless the path says otherwise, "
-            "mesh pod CIDRs %s); pods: tools/lab pod add with clustermesh-cni (node_bundle zipapp)"
-            % ", ".join(MESH_POD_CIDRS),
+            "mesh pod CIDRs %s); CNI: role cni; pods: tools/lab pod add" % ", ".join(MESH_POD_CIDRS),
             "collect_md is a benchmark fixture (bench/bpf/vxlan_md.c) on nodes with the same CNI pods and the "
-            "same masquerade table as tunnel (reconcile with no peers); no outer UDP checksum on either VXLAN path",
+            "same masquerade table as tunnel (reconcile with no peers); both VXLAN paths carry an outer UDP "
+            "checksum (cm_vxlan has udpcsum, see setup.tunnel.vxlan_device; the fixture sets no BPF_F_ZERO_CSUM_TX)",
         ]
 
 

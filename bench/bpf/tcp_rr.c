@@ -9,7 +9,7 @@
 //                                           of transactions; prints "tcp_rr 1 <count> <elapsed_ns>"
 //                                           and then one latency in ns per line
 //
-// Build: cc -O2 -o tcp_rr tcp_rr.c
+// Build: clang -O2 -o tcp_rr tcp_rr.c (clang, from requirements/apt.txt, brings libc6-dev)
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>

@@ -57,8 +57,8 @@ int to_tunnel(struct __sk_buff *skb)
 		.tunnel_id = dest->vni,
 		.tunnel_ttl = 64,
 	};
-	// BPF_F_ZERO_CSUM_TX: no outer UDP checksum, like the classic device (udpcsum is off by default)
-	if (bpf_skb_set_tunnel_key(skb, &tkey, sizeof(tkey), BPF_F_ZERO_CSUM_TX) < 0)
+	// no BPF_F_ZERO_CSUM_TX: an outer UDP checksum, like the product's classic device (udpcsum)
+	if (bpf_skb_set_tunnel_key(skb, &tkey, sizeof(tkey), 0) < 0)
 		return TC_ACT_SHOT;
 	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), dest->mac, ETH_ALEN, 0) < 0)
 		return TC_ACT_SHOT;

@@ -139,9 +139,10 @@ def test_topology_is_a_valid_lab_topology():
 
 
 def test_node_pod_cidrs_lie_in_their_clusters_and_do_not_overlap():
-    nets = [ipaddress.ip_network(n.pod_cidr) for n in datapath.NODES.values()]
+    nodes = [n for n in datapath.NODES.values() if n.pod_cidr]
+    nets = [ipaddress.ip_network(n.pod_cidr) for n in nodes]
     assert len(nets) == len(set(nets))
-    for n in datapath.NODES.values():
+    for n in nodes:
         cluster = ipaddress.ip_network(datapath.CLUSTERS[n.cluster]["pod_cidr"])
         assert ipaddress.ip_network(n.pod_cidr).subnet_of(cluster)
 
@@ -183,19 +184,36 @@ def test_hybrid_has_an_on_link_and_a_routed_cross_cluster_peer():
 
 
 def test_only_the_nomasq_group_turns_masquerade_off():
-    assert {g.name for g in datapath.GROUPS if not g.masquerade} == {"direct_nomasq"}
+    assert {g.name for g in datapath.GROUPS if g.mode != "none" and not g.masquerade} == {"direct_nomasq"}
 
 
-@pytest.mark.parametrize("node", sorted(datapath.NODES))
-def test_cni_conflist_is_accepted_by_the_plugin(node):
-    conflist = datapath.cni_conflist(datapath.NODES[node].pod_cidr, 1450)
-    plugin = dict(conflist["plugins"][0], name=conflist["name"], cniVersion=conflist["cniVersion"])
-    parse_config(plugin, "ADD")  # raises CniError on a bad configuration
+def test_plain_hosts_are_left_alone_and_have_no_pods():
+    plain = next(g for g in datapath.GROUPS if g.name == "plain")
+    assert plain.mode == "none" and plain.pods == {}
+    for path in (p for p in datapath.PATHS if p.name.startswith("plain")):
+        assert path.client[1] is None and path.server[1] is None
+        assert {path.client[0], path.server[0]} <= set(plain.nodes)
+    p1, p2, p3 = (datapath.NODES[n] for n in plain.nodes)
+    assert p1.segment == p2.segment != p3.segment
+
+
+def test_cni_vars_give_every_node_its_pod_cidr_and_mtu_as_the_plugin_accepts_them():
+    mtus = {"t1": 1450, "d1": 1500}
+    extra = datapath.cni_vars(mtus)
+    assert extra["bench_cni_nodes"] == "d1,t1"
+    assert extra["bench_cni"] == {
+        "d1": {"pod_cidr": "10.1.1.0/24", "mtu": 1500},
+        "t1": {"pod_cidr": "10.1.5.0/24", "mtu": 1450},
+    }
+    for node, conf in extra["bench_cni"].items():
+        plugin = {"cniVersion": "1.0.0", "name": "clustermesh", "type": "clustermesh-cni", "podCIDR": conf["pod_cidr"]}
+        parse_config(dict(plugin, mtu=conf["mtu"]), "ADD")  # raises CniError on a bad configuration
+        assert conf["mtu"] == mtus[node]
 
 
 def test_groups_for_selects_only_the_groups_of_the_paths():
     paths = [p for p in datapath.PATHS if p.name in ("plain", "hybrid_routed")]
-    assert [g.name for g in datapath.groups_for(paths)] == ["direct", "hybrid"]
+    assert [g.name for g in datapath.groups_for(paths)] == ["hybrid", "plain"]
 
 
 # ratios, targets, order, report ------------------------------------------------------------------
