@@ -63,7 +63,8 @@ options:
   external_router:
     description:
       - In V(direct) mode, an off-link peer is reached through a router that already carries pod CIDRs
-        (BGP or static routes) - nothing is installed for it, only its reachability is checked.
+        (BGP or static routes) - nothing is installed for it (M(clustermesh.core.mesh_preflight) checks that it
+        answers).
       - Without it an off-link peer in V(direct) mode is an error.
     type: bool
     default: false

@@ -17,6 +17,8 @@ PACKAGES = {
     "kvstore_config": "PyYAML",
     "mesh_model": "netaddr",
     "pki": "cryptography",
+    "routing_state": "pyroute2",
+    "pod_network": "pyroute2",
 }
 
 
