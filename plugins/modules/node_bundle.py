@@ -15,8 +15,8 @@ description:
   - The build is deterministic (sorted entries, fixed timestamps, no C(__pycache__)), so the same code
     gives the same file and a rerun reports no change.
   - Installs it at O(dest) with M(ansible.builtin.copy), which compares checksums and supports check
-    and diff mode (a binary file: the diff says only that it changed).
-  - Entry points; V(cni) is the CNI plugin C(clustermesh-cni) (run by the container runtime with the
+    and diff mode (the bundle is binary, so the diff says only that it changed).
+  - The entry point V(cni) is the CNI plugin C(clustermesh-cni) (run by the container runtime with the
     configuration on stdin and C(CNI_*) in the environment).
   - The node's Python needs the library's third-party packages (C(requirements/node.txt)); the CNI
     plugin needs pyroute2.
@@ -25,7 +25,7 @@ author:
   - clustermesh.core developers (@clustermesh)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
-  - ansible.builtin.action_common_attributes.files
+  - ansible.builtin.action_common_attributes.flow
 options:
   dest:
     description: Where to install the bundle on the node (its directory must exist).
@@ -55,6 +55,10 @@ options:
 attributes:
   action:
     support: full
+  async:
+    support: none
+  bypass_host_loop:
+    support: none
   check_mode:
     support: full
   diff_mode:
@@ -62,8 +66,6 @@ attributes:
     details: The bundle is binary; the diff shows that it changes, not how.
   platform:
     platforms: posix
-  safe_file_operations:
-    support: full
 seealso:
   - module: ansible.builtin.copy
 notes:

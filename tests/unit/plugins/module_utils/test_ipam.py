@@ -46,7 +46,7 @@ def test_a_repeated_add_gets_the_same_address(tmp_path):
 
 def test_release_frees_only_that_attachment_and_is_idempotent(tmp_path):
     ipam = PodIpam(str(tmp_path), "net", "10.1.0.0/30")  # exactly one pod address: .2
-    ip, _ = ipam.allocate("a", "eth0")
+    ip = ipam.allocate("a", "eth0")[0]
     assert ip == "10.1.0.2"
     with pytest.raises(IpamError):
         ipam.allocate("b", "eth0")
@@ -58,15 +58,15 @@ def test_release_frees_only_that_attachment_and_is_idempotent(tmp_path):
 
 def test_round_robin_does_not_hand_out_a_just_released_address(tmp_path):
     ipam = PodIpam(str(tmp_path), "net", "10.1.0.0/24")
-    a, _ = ipam.allocate("a", "eth0")
+    a = ipam.allocate("a", "eth0")[0]
     ipam.release("a", "eth0")
-    b, _ = ipam.allocate("b", "eth0")
+    b = ipam.allocate("b", "eth0")[0]
     assert (a, b) == ("10.1.0.2", "10.1.0.3")
 
 
 def test_labels_and_details_are_stored_with_the_allocation(tmp_path):
     ipam = PodIpam(str(tmp_path), "clustermesh", "10.1.0.0/24")
-    ip, _ = ipam.allocate("abc", "eth0", {"labels": {"app": "web"}, "args": {"K8S_POD_NAME": "web-0"}})
+    ip = ipam.allocate("abc", "eth0", {"labels": {"app": "web"}, "args": {"K8S_POD_NAME": "web-0"}})[0]
     ipam.update(ip, "abc", "eth0", hostInterface="cm_0123456789a", mac="02:00:00:00:00:01")
     with open(os.path.join(str(tmp_path), "clustermesh", ip), encoding="utf-8") as handle:
         record = json.load(handle)
