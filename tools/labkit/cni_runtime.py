@@ -25,6 +25,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,6 +45,10 @@ LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.\-/]*[A-Za-z0-9])?$")
 
 class RuntimeError_(Exception):
     """A failure to report (no traceback); exit status 1."""
+
+
+def _host():
+    return socket.gethostname()  # lab hosts are named after themselves (own UTS namespace)
 
 
 def check_pod_name(name):
@@ -113,7 +118,7 @@ def load_network(conf_dir=CNI_CONF_DIR):
         names = []
     if not names:
         raise RuntimeError_(
-            "no *.conflist in %s on this host: install the CNI first (role clustermesh.core.cni)" % conf_dir
+            "no *.conflist in %s on %s: install the CNI first (role clustermesh.core.cni)" % (conf_dir, _host())
         )
     path = os.path.join(conf_dir, names[0])
     try:
@@ -253,7 +258,7 @@ def _remove_netns(name):
 def cmd_add(name, labels, cni_path):
     check_pod_name(name)
     if read_state(name) is not None or os.path.exists(netns_path(name)):
-        raise RuntimeError_("pod %s exists on this host (tools/lab pod del HOST %s first)" % (name, name))
+        raise RuntimeError_("pod %s exists on %s (tools/lab pod del %s %s first)" % (name, _host(), _host(), name))
     conf_path, network = load_network()
     state = {
         "name": name,
@@ -306,7 +311,7 @@ def cmd_del(name, cni_path):
             _remove_netns(name)
             print("pod %s: removed its network namespace (no CNI state was recorded)" % name)
             return 0
-        raise RuntimeError_("no pod %s on this host" % name)
+        raise RuntimeError_("no pod %s on %s" % (name, _host()))
     killed = _kill_pod_processes(name)
     conf_path = state.get("conflist")
     try:
@@ -332,7 +337,7 @@ def cmd_check(name, cni_path):
     check_pod_name(name)
     state = read_state(name)
     if state is None:
-        raise RuntimeError_("no pod %s on this host" % name)
+        raise RuntimeError_("no pod %s on %s" % (name, _host()))
     with open(state["conflist"], encoding="utf-8") as handle:
         network = json.load(handle)
     run_chain("CHECK", network, state, cni_path)

@@ -91,7 +91,7 @@ def cmd_exec(args):
     # no Python inside: the host's shell checks the pod exists and enters its netns (nsenter, never
     # ip netns exec, which would remount /sys)
     script = (
-        'if [ ! -e "$1" ]; then echo "tools/lab: no pod $2 on this host" >&2; exit 1; fi; '
+        'if [ ! -e "$1" ]; then echo "tools/lab: no pod $2 on $(uname -n)" >&2; exit 1; fi; '
         'ns=$1; shift 2; exec nsenter --net="$ns" -- "$@"'
     )
     argv = _host_argv(lab, args.host) + ["sh", "-c", script, "sh", netns_path(args.name), args.name, *command]
