@@ -422,13 +422,11 @@ def notify_agent(config, event, endpoint):
 # commands ------------------------------------------------------------------------------------------
 def _pod_network():
     from . import pod_network
+    from .requirements import missing_requirements
 
-    if pod_network.IMPORT_ERROR is not None:
-        raise CniError(
-            ERR_MISSING_PACKAGE,
-            "missing Python package on this node for %s: pyroute2 (%s)" % (sys.executable, pod_network.IMPORT_ERROR),
-            "install requirements/node.txt into the Python that runs clustermesh-cni",
-        )
+    missing = missing_requirements(pod_network)
+    if missing:
+        raise CniError(ERR_MISSING_PACKAGE, missing, "the plugin runs with the Python of its first line (#!)")
     return pod_network
 
 

@@ -197,3 +197,12 @@ def test_error_codes_are_the_documented_ones():
         103,
     )
     assert CniError(100, "m", "d").to_dict("0.4.0") == {"cniVersion": "0.4.0", "code": 100, "msg": "m", "details": "d"}
+
+
+def test_a_missing_pyroute2_is_error_104_naming_it(monkeypatch):
+    from ansible_collections.clustermesh.core.plugins.module_utils import pod_network
+
+    monkeypatch.setattr(pod_network, "IMPORT_ERROR", ImportError("No module named 'pyroute2'"))
+    status, out = call({"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "abc", "CNI_IFNAME": "eth0"}, GOOD)
+    assert status == 1 and out["code"] == 104
+    assert "pyroute2 (for pod_network" in out["msg"] and "install requirements/node.txt" in out["msg"]
