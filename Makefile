@@ -15,13 +15,14 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/build/collections
 export ANSIBLE_FORCE_COLOR := 0
 
-.PHONY: help deps collection demo demo-down lab-up lab-down test lint sanity units lab-tests molecule bench clean
+.PHONY: help deps collection demo demo-down lab-up lab-down test lint sanity units lab-tests molecule bench bench-datapath clean
 
 help:
 	@echo "make demo       install what is needed, build the lab, run playbooks/site.yml against it"
 	@echo "make demo-down  tear the demo lab down"
 	@echo "make test       install what is needed and run every test (lint, sanity, units, lab, molecule)"
 	@echo "make bench      run the benchmarks (results in bench/results/)"
+	@echo "make bench-datapath  pod-to-pod throughput and latency per routing mode (bench/results/datapath.json)"
 
 deps:
 	@tools/install-deps
@@ -42,6 +43,7 @@ lab-down:
 demo: collection lab-up
 	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/site.yml
 	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/status.yml
+	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/connectivity.yml -e connectivity_report=$(CURDIR)/build/connectivity.json
 
 demo-down: lab-down
 
