@@ -55,7 +55,7 @@ def pod(*args, check=True):
 
 
 def pod_state(name):
-    return json.loads(run_in(PREFIX, HOST, "cat", "/run/clustermesh-lab-pods/%s.json" % name).stdout)
+    return json.loads(run_in(PREFIX, HOST, "cat", "/run/clustermesh/pods/%s.json" % name).stdout)
 
 
 def host_links(host=HOST):

@@ -10,7 +10,7 @@ import os
 
 import yaml
 
-from .cni_runtime import LAB_CNI_BIN_DIR
+from .pod_runtime import LAB_CNI_BIN_DIR
 from .state import VENV_PYTHON
 
 

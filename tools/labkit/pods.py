@@ -1,10 +1,11 @@
 """``tools/lab pod``: pods on lab hosts, wired by the node's CNI plugin as a container runtime would.
 
 Each command enters the host exactly like ``tools/lab exec`` (its network, mount and UTS namespaces)
-and runs ``cni_runtime.py`` there, which creates the pod's network namespace in the host's private
-/run, runs the plugins of the host's ``/etc/cni/net.d/*.conflist`` from ``CNI_PATH`` (the lab's
-``/var/lib/cni/bin``) and keeps the ADD result for CHECK and DEL. Pods live and die with their host:
-``tools/lab down`` leaves no pod namespace or process behind.
+and runs ``pod_runtime.py`` there (over plugins/module_utils/cni_runtime.py), which creates the pod's
+network namespace in the host's private /run, runs the plugins of the host's
+``/etc/cni/net.d/*.conflist`` from ``CNI_PATH`` (the lab's ``/var/lib/cni/bin``) and keeps the ADD
+result for CHECK and DEL. Pods live and die with their host: ``tools/lab down`` leaves no pod
+namespace or process behind.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ import shutil
 import subprocess
 import sys
 
-from .cni_runtime import LAB_CNI_BIN_DIR, check_pod_name, netns_path, parse_labels
-from .cni_runtime import RuntimeError_ as PodError
+from .pod_runtime import LAB_CNI_BIN_DIR, PodError, check_pod_name, netns_path, parse_labels
 from .state import PREFIX_ENV, Lab, LabError, nsenter, resolve_prefix
 
-RUNTIME = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cni_runtime.py")
+RUNTIME = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pod_runtime.py")
 
 
 def _host_argv(lab, host):

@@ -1,11 +1,13 @@
-"""A minimal CNI runtime for lab pods (``tools/lab pod``), run INSIDE a lab host's namespaces.
+# -*- coding: utf-8 -*-
+# Copyright: clustermesh.core contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""A minimal CNI runtime: what a container runtime (libcni) does to give a pod its network.
 
-``tools/lab pod ...`` enters the host (its network, mount and UTS namespaces, exactly like
-``tools/lab exec``) and runs this file with the repository's Python; it then does what a container
-runtime (libcni) does:
+Used by the module ``cni_pod`` (probe pods of playbooks/connectivity.yml) and by ``tools/lab pod``;
+it runs on the node, inside the node's namespaces:
 
-* a pod is a network namespace ``cm-pod-<name>`` created with ``ip netns add`` in the host's own
-  ``/run/netns`` (the host's private /run tmpfs: it vanishes with the host), with ``lo`` up;
+* a pod is a network namespace ``cm-pod-<name>`` made with ``ip netns add`` in the node's
+  ``/run/netns``, with ``lo`` up;
 * the network configuration is the first ``*.conflist`` (by file name) in ``/etc/cni/net.d``;
 * every plugin of the list runs with the spec's request configuration (the plugin object without
   ``capabilities``, plus ``cniVersion``, ``name``, ``args.cni.labels``, ``runtimeConfig`` for the
@@ -13,10 +15,9 @@ runtime (libcni) does:
   ``CNI_NETNS``, ``CNI_IFNAME`` (eth0), ``CNI_ARGS`` and ``CNI_PATH`` in the environment; ADD and
   CHECK in list order, DEL in reverse, CHECK and DEL with the cached ADD result as ``prevResult``;
 * a failed ADD is followed by a DEL (the spec's rule) and the namespace is removed again;
-* the ADD result is cached in ``/run/clustermesh-lab-pods/<name>.json`` (host-private too).
+* the ADD result is cached in ``/run/clustermesh/pods/<name>.json`` (gone at reboot, like the netns).
 
-Standard library only (it runs as a script); ``del`` borrows ``labkit.hosts.kill_processes`` to stop
-the processes still running in the pod.
+Standard library only, and no imports of sibling files: ``tools/lab`` imports this file on its own.
 """
 
 from __future__ import annotations
@@ -25,55 +26,59 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 
-LAB_CNI_BIN_DIR = "/var/lib/cni/bin"  # lab hosts overlay /var/lib but not /opt (the machine's own)
+DEFAULT_CNI_PATH = "/opt/cni/bin"
 CNI_CONF_DIR = "/etc/cni/net.d"
-POD_STATE_DIR = "/run/clustermesh-lab-pods"
+POD_STATE_DIR = "/run/clustermesh/pods"
 NETNS_DIR = "/run/netns"
 POD_NETNS_PREFIX = "cm-pod-"
 POD_IFNAME = "eth0"
-POD_NAMESPACE = "lab"  # K8S_POD_NAMESPACE given to plugins
 PLUGIN_TIMEOUT = 60
 POD_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.\-/]*[A-Za-z0-9])?$")
 
 
-class RuntimeError_(Exception):
-    """A failure to report (no traceback); exit status 1."""
-
-
-def _host():
-    return socket.gethostname()  # lab hosts are named after themselves (own UTS namespace)
+class PodRuntimeError(Exception):
+    """A failure to report to the user (what and how to fix), no traceback."""
 
 
 def check_pod_name(name):
-    if not POD_NAME_RE.match(name or ""):
-        raise RuntimeError_(
+    if not isinstance(name, str) or not POD_NAME_RE.match(name):
+        raise PodRuntimeError(
             "invalid pod name %r: 1 to 32 characters of [a-z0-9-], starting and ending with a letter or digit" % name
         )
     return name
 
 
-def parse_labels(text):
+def labels_from_text(text):
     """``k=v,k2=v2`` -> [{"key": k, "value": v}, ...] (the CNI conventions' args.cni.labels)."""
-    labels = []
-    if not text:
-        return labels
-    seen = set()
-    for item in text.split(","):
+    pairs = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
         key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not LABEL_KEY_RE.match(key):
-            raise RuntimeError_("--labels: %r is not KEY=VALUE (e.g. --labels app=web,tier=front)" % item)
+        if not sep:
+            raise PodRuntimeError("labels: %r is not KEY=VALUE (e.g. app=web,tier=front)" % item)
+        pairs.append((key.strip(), value.strip()))
+    return check_labels(pairs)
+
+
+def labels_from_dict(mapping):
+    return check_labels(sorted((str(k), "" if v is None else str(v)) for k, v in (mapping or {}).items()))
+
+
+def check_labels(pairs):
+    labels, seen = [], set()
+    for key, value in pairs:
+        if not LABEL_KEY_RE.match(key):
+            raise PodRuntimeError("labels: %r is not a valid label key" % key)
         if key in seen:
-            raise RuntimeError_("--labels: %s is given twice" % key)
+            raise PodRuntimeError("labels: %s is given twice" % key)
         seen.add(key)
-        labels.append({"key": key, "value": value.strip()})
+        labels.append({"key": key, "value": value})
     return labels
 
 
@@ -81,35 +86,41 @@ def netns_path(name):
     return os.path.join(NETNS_DIR, POD_NETNS_PREFIX + name)
 
 
-def state_path(name):
-    return os.path.join(POD_STATE_DIR, name + ".json")
+def state_path(name, state_dir=POD_STATE_DIR):
+    return os.path.join(state_dir, name + ".json")
 
 
-def read_state(name):
+def read_state(name, state_dir=POD_STATE_DIR):
     try:
-        with open(state_path(name), encoding="utf-8") as handle:
+        with open(state_path(name, state_dir), encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
         return None
 
 
-def write_state(name, data):
-    os.makedirs(POD_STATE_DIR, mode=0o700, exist_ok=True)
-    tmp = state_path(name) + ".tmp"
+def write_state(name, data, state_dir=POD_STATE_DIR):
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    tmp = state_path(name, state_dir) + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, sort_keys=True)
         handle.write("\n")
-    os.replace(tmp, state_path(name))
+    os.replace(tmp, state_path(name, state_dir))
 
 
-def run(argv, check=True):
+def _run(argv, check=True):
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     if check and proc.returncode != 0:
-        raise RuntimeError_("%s failed (exit %d): %s" % (" ".join(argv), proc.returncode, proc.stderr.strip()))
+        raise PodRuntimeError("%s failed (exit %d): %s" % (" ".join(argv), proc.returncode, proc.stderr.strip()))
     return proc
 
 
+def _host():
+    return os.uname().nodename
+
+
 # network configuration --------------------------------------------------------------------------
+
+
 def load_network(conf_dir=CNI_CONF_DIR):
     """(path, network configuration) of the first *.conflist in conf_dir, checked like libcni does."""
     try:
@@ -117,7 +128,7 @@ def load_network(conf_dir=CNI_CONF_DIR):
     except FileNotFoundError:
         names = []
     if not names:
-        raise RuntimeError_(
+        raise PodRuntimeError(
             "no *.conflist in %s on %s: install the CNI first (role clustermesh.core.cni)" % (conf_dir, _host())
         )
     path = os.path.join(conf_dir, names[0])
@@ -125,10 +136,10 @@ def load_network(conf_dir=CNI_CONF_DIR):
         with open(path, encoding="utf-8") as handle:
             conf = json.load(handle)
     except (OSError, ValueError) as exc:
-        raise RuntimeError_("%s: not a JSON network configuration list: %s" % (path, exc)) from exc
-    problems = []
+        raise PodRuntimeError("%s: not a JSON network configuration list: %s" % (path, exc)) from exc
     if not isinstance(conf, dict):
-        raise RuntimeError_("%s: not a JSON object" % path)
+        raise PodRuntimeError("%s: not a JSON object" % path)
+    problems = []
     if not isinstance(conf.get("name"), str) or not conf["name"]:
         problems.append("name is missing")
     if not isinstance(conf.get("cniVersion"), str):
@@ -141,7 +152,7 @@ def load_network(conf_dir=CNI_CONF_DIR):
             if not isinstance(plugin, dict) or not isinstance(plugin.get("type"), str) or "/" in plugin["type"]:
                 problems.append("plugins[%d] has no valid type" % i)
     if problems:
-        raise RuntimeError_("%s: %s" % (path, "; ".join(problems)))
+        raise PodRuntimeError("%s: %s" % (path, "; ".join(problems)))
     return path, conf
 
 
@@ -166,10 +177,10 @@ def find_plugin(plugin_type, cni_path):
         candidate = os.path.join(directory, plugin_type)
         if directory and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
-    raise RuntimeError_("CNI plugin %r not found in CNI_PATH %s" % (plugin_type, cni_path))
+    raise PodRuntimeError("CNI plugin %r not found in CNI_PATH %s" % (plugin_type, cni_path))
 
 
-class PluginError(RuntimeError_):
+class PluginError(PodRuntimeError):
     def __init__(self, plugin_type, command, status, error, stderr):
         self.plugin_type = plugin_type
         self.error = error  # the error JSON (dict) or None
@@ -185,19 +196,19 @@ class PluginError(RuntimeError_):
         super().__init__(msg)
 
 
-def exec_plugin(command, plugin_type, conf, container_id, netns, cni_path, pod_name):
+def exec_plugin(command, plugin_type, conf, state, cni_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
     env.update(
         CNI_COMMAND=command,
-        CNI_CONTAINERID=container_id,
-        CNI_NETNS=netns,
-        CNI_IFNAME=POD_IFNAME,
-        CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=%s;K8S_POD_NAME=%s" % (POD_NAMESPACE, pod_name),
+        CNI_CONTAINERID=state["containerID"],
+        CNI_NETNS=state["netns"],
+        CNI_IFNAME=state.get("ifname", POD_IFNAME),
+        CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=%s;K8S_POD_NAME=%s"
+        % (state.get("namespace", "default"), state["name"]),
         CNI_PATH=cni_path,
     )
-    path = find_plugin(plugin_type, cni_path)
     proc = subprocess.run(
-        [path],
+        [find_plugin(plugin_type, cni_path)],
         input=json.dumps(conf).encode("utf-8"),
         capture_output=True,
         env=env,
@@ -213,7 +224,7 @@ def exec_plugin(command, plugin_type, conf, container_id, netns, cni_path, pod_n
     if proc.returncode != 0:
         raise PluginError(plugin_type, command, proc.returncode, out, stderr)
     if command == "ADD" and not isinstance(out, dict):
-        raise RuntimeError_("CNI ADD of plugin %s printed no result JSON: %r" % (plugin_type, stdout[:200]))
+        raise PodRuntimeError("CNI ADD of plugin %s printed no result JSON: %r" % (plugin_type, stdout[:200]))
     return out
 
 
@@ -224,9 +235,8 @@ def run_chain(command, network, state, cni_path):
     if command == "ADD":
         result = None
         for plugin in plugins:
-            conf = request_config(network, plugin, labels, result)
             result = exec_plugin(
-                "ADD", plugin["type"], conf, state["containerID"], state["netns"], cni_path, state["name"]
+                "ADD", plugin["type"], request_config(network, plugin, labels, result), state, cni_path
             )
         return result
     if command == "CHECK" and network.get("disableCheck"):
@@ -234,11 +244,13 @@ def run_chain(command, network, state, cni_path):
     order = plugins if command == "CHECK" else list(reversed(plugins))
     for plugin in order:
         conf = request_config(network, plugin, labels, state.get("result"))
-        exec_plugin(command, plugin["type"], conf, state["containerID"], state["netns"], cni_path, state["name"])
+        exec_plugin(command, plugin["type"], conf, state, cni_path)
     return None
 
 
 # pods ---------------------------------------------------------------------------------------------
+
+
 def pod_ip(result):
     for ip in (result or {}).get("ips") or []:
         address = ip.get("address", "")
@@ -250,18 +262,59 @@ def pod_ip(result):
 def _remove_netns(name):
     path = netns_path(name)
     if os.path.exists(path):
-        run(["ip", "netns", "delete", POD_NETNS_PREFIX + name], check=False)
+        _run(["ip", "netns", "delete", POD_NETNS_PREFIX + name], check=False)
     if os.path.exists(path):
-        raise RuntimeError_("cannot remove network namespace %s" % path)
+        raise PodRuntimeError("cannot remove network namespace %s" % path)
 
 
-def cmd_add(name, labels, cni_path):
+def pod_processes(name):
+    """PIDs of the processes whose network namespace is the pod's."""
+    try:
+        st = os.stat(netns_path(name))
+    except FileNotFoundError:
+        return []
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ns = os.stat("/proc/%s/ns/net" % entry)
+        except OSError:
+            continue
+        if (ns.st_dev, ns.st_ino) == (st.st_dev, st.st_ino) and int(entry) != os.getpid():
+            pids.append(int(entry))
+    return pids
+
+
+def stop_pod_processes(name, timeout=2.0):
+    """Stop what still runs in the pod (a runtime stops the container before removing its network):
+    SIGTERM, then SIGKILL after ``timeout``; only processes found in the pod's own namespace."""
+    pids = pod_processes(name)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and pod_processes(name):
+        time.sleep(0.05)
+    for pid in pod_processes(name):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def add_pod(name, labels, cni_path=DEFAULT_CNI_PATH, namespace="default", conf_dir=CNI_CONF_DIR):
+    """Create the pod's namespace and run ADD; returns the recorded state (with ``result``)."""
     check_pod_name(name)
     if read_state(name) is not None or os.path.exists(netns_path(name)):
-        raise RuntimeError_("pod %s exists on %s (tools/lab pod del %s %s first)" % (name, _host(), _host(), name))
-    conf_path, network = load_network()
+        raise PodRuntimeError("pod %s exists on %s: delete it first" % (name, _host()))
+    conf_path, network = load_network(conf_dir)
     state = {
         "name": name,
+        "namespace": namespace,
         "containerID": uuid.uuid4().hex,
         "netns": netns_path(name),
         "ifname": POD_IFNAME,
@@ -270,89 +323,68 @@ def cmd_add(name, labels, cni_path):
         "conflist": conf_path,
         "created": time.time(),
     }
-    run(["ip", "netns", "add", POD_NETNS_PREFIX + name])
+    _run(["ip", "netns", "add", POD_NETNS_PREFIX + name])
     try:
-        run(["nsenter", "--net=" + state["netns"], "--", "ip", "link", "set", "lo", "up"])
+        _run(["nsenter", "--net=" + state["netns"], "--", "ip", "link", "set", "lo", "up"])
         result = run_chain("ADD", network, state, cni_path)
-    except BaseException:
+    except BaseException as exc:
+        cleanup = ""
         try:
             run_chain("DEL", network, state, cni_path)  # the spec: a DEL follows even a failed ADD
-        except Exception as cleanup:  # report the ADD failure, mention the cleanup one
-            print("tools/lab: cleanup after the failed ADD: %s" % cleanup, file=sys.stderr)
+        except Exception as second:  # report the ADD failure, mention the cleanup one
+            cleanup = " (cleanup after the failed ADD: %s)" % second
         _remove_netns(name)
+        if isinstance(exc, PodRuntimeError) and cleanup:
+            raise PodRuntimeError(str(exc) + cleanup) from None
         raise
     state["result"] = result
     write_state(name, state)
-    ip = pod_ip(result)
-    print("pod %s: netns %s, container %s, %s %s" % (name, state["netns"], state["containerID"], POD_IFNAME, ip))
-    print(ip or "")
-    return 0
+    return state
 
 
-def _kill_pod_processes(name):
-    """Stop processes still running in the pod's network namespace (like a runtime stops the
-    container before removing its network)."""
+def _network_of(state, conf_dir=CNI_CONF_DIR):
     try:
-        st = os.stat(netns_path(name))
-    except FileNotFoundError:
-        return []
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from labkit.hosts import kill_processes
-
-    return kill_processes({(st.st_dev, st.st_ino)}, set())
+        with open(state.get("conflist"), encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError, TypeError):
+        return load_network(conf_dir)[1]
 
 
-def cmd_del(name, cni_path):
+def delete_pod(name, cni_path=DEFAULT_CNI_PATH):
+    """Stop the pod's processes, run DEL, remove its namespace. Returns (state or None, stopped pids);
+    raises PodRuntimeError when there is no such pod."""
     check_pod_name(name)
     state = read_state(name)
     if state is None:
-        if os.path.exists(netns_path(name)):
-            _kill_pod_processes(name)
-            _remove_netns(name)
-            print("pod %s: removed its network namespace (no CNI state was recorded)" % name)
-            return 0
-        raise RuntimeError_("no pod %s on %s" % (name, _host()))
-    killed = _kill_pod_processes(name)
-    conf_path = state.get("conflist")
-    try:
-        with open(conf_path, encoding="utf-8") as handle:
-            network = json.load(handle)
-    except (OSError, ValueError, TypeError):
-        _conf, network = load_network()
-    run_chain("DEL", network, state, cni_path)
+        if not os.path.exists(netns_path(name)):
+            raise PodRuntimeError("no pod %s on %s" % (name, _host()))
+        stopped = stop_pod_processes(name)
+        _remove_netns(name)
+        return None, stopped
+    stopped = stop_pod_processes(name)
+    run_chain("DEL", _network_of(state), state, cni_path)
     _remove_netns(name)
     os.unlink(state_path(name))
-    print(
-        "pod %s: deleted (%s released%s)"
-        % (
-            name,
-            pod_ip(state.get("result")) or "no address",
-            ", %d process(es) stopped" % len(killed) if killed else "",
-        )
-    )
-    return 0
+    return state, stopped
 
 
-def cmd_check(name, cni_path):
+def check_pod(name, cni_path=DEFAULT_CNI_PATH):
     check_pod_name(name)
     state = read_state(name)
     if state is None:
-        raise RuntimeError_("no pod %s on %s" % (name, _host()))
-    with open(state["conflist"], encoding="utf-8") as handle:
-        network = json.load(handle)
-    run_chain("CHECK", network, state, cni_path)
-    print("pod %s: CHECK passed" % name)
-    return 0
+        raise PodRuntimeError("no pod %s on %s" % (name, _host()))
+    run_chain("CHECK", _network_of(state), state, cni_path)
+    return state
 
 
-def cmd_list():
+def list_pods(state_dir=POD_STATE_DIR):
     pods = []
     try:
-        names = sorted(n[: -len(".json")] for n in os.listdir(POD_STATE_DIR) if n.endswith(".json"))
+        names = sorted(n[: -len(".json")] for n in os.listdir(state_dir) if n.endswith(".json"))
     except FileNotFoundError:
         names = []
     for name in names:
-        state = read_state(name)
+        state = read_state(name, state_dir)
         if state:
             pods.append(
                 {
@@ -364,29 +396,4 @@ def cmd_list():
                     "netns_present": os.path.exists(state["netns"]),
                 }
             )
-    print(json.dumps(pods))
-    return 0
-
-
-def main(argv):
-    """``cni_runtime.py add NAME [LABELS]`` / ``del NAME`` / ``check NAME`` / ``list``"""
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    cni_path = os.environ.get("CLUSTERMESH_LAB_CNI_PATH") or LAB_CNI_BIN_DIR
-    try:
-        action = argv[0] if argv else ""
-        if action == "add":
-            return cmd_add(argv[1], parse_labels(argv[2] if len(argv) > 2 else ""), cni_path)
-        if action == "del":
-            return cmd_del(argv[1], cni_path)
-        if action == "check":
-            return cmd_check(argv[1], cni_path)
-        if action == "list":
-            return cmd_list()
-        raise RuntimeError_("unknown action %r" % action)
-    except RuntimeError_ as exc:
-        print("tools/lab: %s" % exc, file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    return pods
