@@ -323,6 +323,23 @@ def route_device(text: str) -> str | None:
     return words[words.index("dev") + 1] if "dev" in words[:-1] else None
 
 
+def parse_proc_stat(text: str) -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat's ``cpu`` line (idle and iowait are not busy)."""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+            idle = values[3] + values[4]
+            return sum(values) - idle, sum(values)
+    raise ValueError("no cpu line in /proc/stat")
+
+
+def cpu_busy(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The fraction of all CPUs' time spent busy between two parse_proc_stat readings."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return busy / total if total > 0 else None
+
+
 def md_key_hex(cidr: str) -> list[str]:
     """bpftool hex bytes of an md_routes key (struct md_key: prefixlen in host order, address in network order)."""
     net = ipaddress.IPv4Network(cidr)
@@ -511,6 +528,51 @@ def setup_collect_md(group: Group, pod_ips: dict, obj: str) -> dict:
     return info
 
 
+class QuietGate:
+    """Waits, before each sample, until the machine is nearly idle: every path is CPU-bound on this
+    shared 2-CPU VM, so a sample taken while other work runs measures our share of the CPU, not the
+    path. Between samples nothing of ours runs (the servers wait), so the CPU use seen over
+    ``interval`` seconds is other work. Waits at most ``wait_s`` per sample and ``budget_s`` per run
+    (then measures regardless); every sample records what the gate saw."""
+
+    def __init__(self, max_busy: float, wait_s: float, budget_s: float, interval: float = 0.5):
+        self.max_busy, self.wait_s, self.budget_s, self.interval = max_busy, wait_s, budget_s, interval
+        self.waited_s = 0.0
+        self.over_limit = 0  # samples taken although the machine was busier than max_busy
+
+    @staticmethod
+    def _stat() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            return parse_proc_stat(f.read())
+
+    def busy_now(self) -> float | None:
+        before = self._stat()
+        time.sleep(self.interval)
+        return cpu_busy(before, self._stat())
+
+    def wait(self) -> dict:
+        started = time.monotonic()
+        busy = self.busy_now()
+        while busy is not None and busy > self.max_busy:
+            waited = time.monotonic() - started
+            if waited >= self.wait_s or self.waited_s + waited >= self.budget_s:
+                self.over_limit += 1
+                break
+            busy = self.busy_now()
+        waited = time.monotonic() - started
+        self.waited_s += waited
+        return {"busy_before": None if busy is None else round(busy, 3), "waited_s": round(waited, 1)}
+
+    def summary(self) -> dict:
+        return {
+            "max_busy": self.max_busy,
+            "wait_per_sample_s": self.wait_s,
+            "budget_s": self.budget_s,
+            "waited_s": round(self.waited_s, 1),
+            "samples_over_limit": self.over_limit,
+        }
+
+
 @dataclass
 class Server:
     name: str
@@ -554,6 +616,7 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.servers = Servers()
+        self.gate = QuietGate(args.max_busy, args.gate_wait, args.gate_budget)
         self.rr_binary = os.path.join(BUILD_DIR, "tcp_rr")
         self.bpf_object = os.path.join(BUILD_DIR, "vxlan_md.o")
         self.paths = [p for p in PATHS if p.name in args.paths]
@@ -670,9 +733,10 @@ class Bench:
             *("-P", str(streams), "-J"),
         )
         for attempt in (1, 2):
+            gate = self.gate.wait()
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=a.time + a.omit + 30, check=False)
             try:
-                return parse_iperf3(proc.stdout)
+                return parse_iperf3(proc.stdout) | gate
             except MeasurementError as exc:
                 if attempt == 2:
                     raise MeasurementError(
@@ -687,8 +751,9 @@ class Bench:
         argv = self.argv(
             path.client, "taskset", "-c", cpu, self.rr_binary, "client", self.ip(path.server), str(RR_PORT), seconds
         )
+        gate = self.gate.wait()
         out = run(argv + [str(RR_WARMUP)], "tcp_rr client (path %s)" % path.name, timeout=self.args.rr_time + 30)
-        return parse_tcp_rr(out)
+        return parse_tcp_rr(out) | gate
 
     def measure(self, rounds: int) -> dict:
         names = [p.name for p in self.paths]
@@ -705,8 +770,8 @@ class Bench:
                     samples[sample_name(path.name, metric)].append(res["gbps"])
                     details["iperf3"].setdefault(sample_name(path.name, metric), []).append(res)
                     log(
-                        "  %-14s %d stream(s) %6.2f Gbit/s  retr %s"
-                        % (path.name, streams, res["gbps"], res["retransmits"])
+                        "  %-14s %d stream(s) %6.2f Gbit/s  retr %-5s (busy before %s, waited %s s)"
+                        % (path.name, streams, res["gbps"], res["retransmits"], res["busy_before"], res["waited_s"])
                     )
             for path in order:
                 res = self.tcp_rr(path)
@@ -714,8 +779,8 @@ class Bench:
                     samples[sample_name(path.name, metric)].append(res[key])
                 details["tcp_rr"].setdefault(path.name, []).append(res)
                 log(
-                    "  %-14s RR %6.0f/s  p50 %6.1f us  p99 %6.1f us"
-                    % (path.name, res["tps"], res["p50_us"], res["p99_us"])
+                    "  %-14s RR %6.0f/s  p50 %6.1f us  p99 %6.1f us  (busy before %s, waited %s s)"
+                    % (path.name, res["tps"], res["p50_us"], res["p99_us"], res["busy_before"], res["waited_s"])
                 )
         ratios = ratio_specs(names)
         return benchlib.section(
@@ -740,6 +805,7 @@ class Bench:
                 },
                 "versions": versions(),
                 "load_average_per_round": loads,
+                "quiet_gate": self.gate.summary(),
                 "details": details,
             },
         )
@@ -753,6 +819,9 @@ class Bench:
             "for %g s after %d warm-up transactions, client and server pinned to CPU %d (on this 2-vCPU VM a "
             "cross-CPU wake-up adds ~40 us at random, which hides the datapath); p50/p99 of every transaction"
             % (a.rr_time, RR_WARMUP, a.rr_cpu),
+            "before every sample the quiet gate waits (up to %g s per sample, %g s per run) until other work uses "
+            "at most %g of all CPUs (each sample records busy_before and waited_s; extra.quiet_gate sums up)"
+            % (a.gate_wait, a.gate_budget, a.max_busy),
             "ratios are numerator/denominator per round, median over rounds; for rr_p50_us a ratio above 1 "
             "means the numerator is slower",
             "routing: routing_state.reconcile in each lab host (masquerade on unless the path says otherwise, "
@@ -783,6 +852,15 @@ def parse_args(argv=None):
     parser.add_argument("--omit", type=int, help="iperf3 seconds omitted at the start (default 1; --quick: 0)")
     parser.add_argument("--rr-time", type=float, help="tcp_rr seconds per sample (default 2; --quick: 0.5)")
     parser.add_argument("--rr-cpu", type=int, default=0, help="CPU of tcp_rr client and server (default 0)")
+    parser.add_argument(
+        "--max-busy",
+        type=float,
+        default=0.2,
+        help="wait before each sample until other work uses at most this fraction of all CPUs (default 0.2; 1: "
+        "never wait)",
+    )
+    parser.add_argument("--gate-wait", type=float, default=20, help="longest wait per sample, s (default 20)")
+    parser.add_argument("--gate-budget", type=float, default=180, help="longest wait per run, s (default 180)")
     parser.add_argument("--only", help="comma-separated paths (default all): %s" % ",".join(PATH_NAMES))
     parser.add_argument("--output", help="result file (default: bench/results/%s.json)" % NAME)
     parser.add_argument("--keep-lab", action="store_true", help="leave lab %s up at the end (debugging)" % PREFIX)

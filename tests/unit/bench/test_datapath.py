@@ -114,6 +114,51 @@ def test_route_device(text, device):
     assert datapath.route_device(text) == device
 
 
+# quiet gate ------------------------------------------------------------------------------------
+
+
+PROC_STAT = """cpu  100 5 50 800 20 3 7 15 0 0
+cpu0 50 2 25 400 10 1 3 8 0 0
+intr 12345
+"""
+
+
+def test_proc_stat_busy_excludes_idle_and_iowait():
+    assert datapath.parse_proc_stat(PROC_STAT) == (180, 1000)
+    with pytest.raises(ValueError):
+        datapath.parse_proc_stat("intr 1\n")
+
+
+def test_cpu_busy_is_the_busy_share_between_two_readings():
+    assert datapath.cpu_busy((180, 1000), (230, 1200)) == pytest.approx(0.25)
+    assert datapath.cpu_busy((180, 1000), (180, 1000)) is None
+
+
+def gate_with(readings, **kwargs):
+    gate = datapath.QuietGate(**({"max_busy": 0.2, "wait_s": 5, "budget_s": 10, "interval": 0} | kwargs))
+    values = iter(readings)
+    gate.busy_now = lambda: next(values)
+    return gate
+
+
+def test_gate_waits_until_the_machine_is_quiet():
+    gate = gate_with([0.9, 0.5, 0.1, 0.9])
+    assert gate.wait()["busy_before"] == 0.1
+    assert gate.summary()["samples_over_limit"] == 0
+
+
+def test_gate_gives_up_after_its_wait_and_counts_the_sample():
+    gate = gate_with([0.9, 0.8], wait_s=0)
+    assert gate.wait()["busy_before"] == 0.9
+    assert gate.wait()["busy_before"] == 0.8
+    assert gate.summary()["samples_over_limit"] == 2
+
+
+def test_gate_stops_waiting_once_the_run_budget_is_spent():
+    gate = gate_with([0.9, 0.9], budget_s=0)
+    assert gate.wait()["busy_before"] == 0.9 and gate.over_limit == 1
+
+
 # BPF map encoding (struct md_key / struct md_dest of bench/bpf/vxlan_md.c) ------------------------
 
 
