@@ -9,11 +9,11 @@ DOCUMENTATION = r"""
 module: cni_pod
 short_description: A pod network namespace wired by the node's CNI plugin, as a container runtime does it
 description:
-  - Makes a pod without a container engine, for probes and tests (C(playbooks/connectivity.yml)): a network
+  - "Makes a pod without a container engine, for probes and tests (C(playbooks/connectivity.yml)): a network
     namespace C(cm-pod-<name>) in C(/run/netns), then CNI ADD of every plugin of the node's first
     C(*.conflist) in O(conf_dir), exactly as a container runtime calls them (CNI 1.0 request configuration,
     C(CNI_*) environment, C(args.cni.labels), the previous result as C(prevResult)); the ADD result is kept
-    in C(/run/clustermesh/pods/<name>.json) for CHECK and DEL.
+    in C(/run/clustermesh/pods/<name>.json) for CHECK and DEL."
   - A pod that exists is checked with CNI CHECK; when the check fails (its address or interface is gone)
     it is deleted and made again, which reports C(changed).
   - O(state=absent) stops the processes still running in the pod's network namespace, runs CNI DEL (in

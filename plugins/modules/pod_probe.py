@@ -13,7 +13,7 @@ description:
     answers every connection with one JSON line naming itself and the client address it saw. It runs
     detached, with a pidfile in C(/run/clustermesh/probe/); O(server=stopped) stops exactly that process.
   - With O(targets), checks each target from inside the pod's network namespace, so the checks take the
-    pod's own routes: ICMP echo (O(icmp_count) requests) and a TCP connection to the target's echo server.
+    pod's own routes - ICMP echo (O(icmp_count) requests) and a TCP connection to the target's echo server.
     A target passes when both answer and the server saw the pod's own IP (O(source_ip)) as the client,
     that is, nothing NATed the traffic.
   - Checks never change anything; only starting or stopping the server reports C(changed).
