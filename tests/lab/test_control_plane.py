@@ -229,6 +229,8 @@ def test_onboarding_and_removing_a_third_cluster(converged, tmp_path):
     allowed = {
         "clustermesh.core.mesh : Write kvstore.yaml, clusters.d and the member's etcd certificates",
         "clustermesh.core.kvstore : Reconcile etcd users and roles, enable auth",
+        # routes (and FDB entries in tunnel mode) to the new cluster's node
+        "clustermesh.core.routing : Bring routes, the VXLAN device and masquerading to the plan",
     }
     for host in ("c1-n1", "c1-n2", "c2-n1", "c2-n2"):
         assert set(joined.changed_tasks(host)) <= allowed, (host, joined.changed_tasks(host))
@@ -245,6 +247,7 @@ def test_onboarding_and_removing_a_third_cluster(converged, tmp_path):
         "cluster2.etcd-client.key",
     ]
     assert "remote-cluster3" in _etcd_users("c1-n1") and "remote-cluster3" in _etcd_users("c2-n1")
+    assert "10.3.0.0/24" in run_in(PREFIX, "c1-n1", "ip", "route", "show", "proto", "203").stdout
     # cluster3 reads cluster1 through cluster1's proxy with what it was given
     result = python_in(
         PREFIX,
@@ -263,6 +266,8 @@ def test_onboarding_and_removing_a_third_cluster(converged, tmp_path):
         assert not [f for f in left if f.startswith("cluster3")], (host, left)
     assert "remote-cluster3" not in _etcd_users("c1-n1")
     assert "remote-cluster3" not in _etcd_users("c2-n1")
+    # the routes to its node went with it
+    assert "10.3." not in run_in(PREFIX, "c1-n1", "ip", "route", "show", "proto", "203").stdout
 
 
 def test_bad_inventory_changes_nothing(converged, tmp_path):
