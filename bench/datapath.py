@@ -1,6 +1,6 @@
 """Datapath benchmark (issue 4): pod-to-pod throughput and request/response latency, lab ``cmbd``.
 
-    .venv/bin/python bench/datapath.py [--rounds N] [--quick] [--only PATH,...] [--output FILE]
+    .venv/bin/python bench/datapath.py [--rounds N] [--quick] [--only PATH,...] [--output FILE] (--help: all)
 
 Every round measures every path below, one after the other (order reversed every other round),
 with iperf3 1 stream, iperf3 4 streams and tcp_rr (a TCP request/response loop, 1-byte messages):
@@ -23,9 +23,10 @@ What is measured is what the collection ships: each node's routing is set up by
 ``routing_state.reconcile`` (the library of module ``routing``) run inside the lab host, the CNI
 plugin clustermesh-cni is installed by role ``cni`` (one ansible-playbook run), and pods are made by
 ``tools/lab pod add``, which calls the plugin exactly as a container runtime does. Each path has its
-own lab hosts, set up once before the first round. Ratios are per round (both values from
-the same round); their median is reported. Targets: direct >= 0.97 x plain and tunnel >= 0.85 x
-direct (iperf3 throughput, 1 and 4 streams).
+own lab hosts, set up once before the first round. Ratios are per round (both values from the same
+round); their median is reported. Every path is CPU-bound on this shared 2-CPU VM, so before each
+sample a quiet gate waits (bounded) until other work leaves the CPUs nearly idle. Targets: direct >=
+0.97 x plain and tunnel >= 0.85 x direct (iperf3 throughput, 1 and 4 streams).
 
 Prints the load average and a table, writes bench/results/datapath.json (``--quick``: one short
 round, written to build/bench-datapath/datapath-quick.json unless ``--output`` is given).
