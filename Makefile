@@ -69,6 +69,11 @@ molecule: collection
 BENCH_ROUNDS ?= 3
 bench: collection
 	$(BIN)/python bench/control_plane.py --rounds $(BENCH_ROUNDS)
+	$(BIN)/python bench/datapath.py --rounds $(BENCH_ROUNDS)
+
+# Pod-to-pod throughput and latency per routing mode against plain routing (issue 4), ~9 minutes.
+bench-datapath: collection
+	$(BIN)/python bench/datapath.py --rounds $(BENCH_ROUNDS)
 
 clean:
 	rm -rf build tests/output
