@@ -1,6 +1,7 @@
 """The routing layer through its playbooks, on lab hosts: what a user runs (routing.yml, connectivity.yml).
 
-- bad input (direct mode with an off-link peer, an unknown mode, a node pod CIDR outside its cluster's)
+- bad input (direct mode with an off-link peer, an unknown mode, a node pod CIDR outside its cluster's,
+  peers with the node's own IP)
   fails with a message naming the problem, and nothing is applied on any node;
 - hybrid: every probe pod reaches every other (ICMP, TCP, the server sees the client's pod IP);
 - switching modes leaves no device, route or neighbour of the previous mode;
@@ -69,8 +70,10 @@ def lab_up():
             ("-e", '{"clustermesh_node_pod_cidrs": ["10.9.0.0/24"]}', *NO_KVSTORE),
             "clustermesh_node_pod_cidrs",
         ),
+        # every node claims c1-n1's IP: each peer would have the node's own IP
+        (("-e", "clustermesh_node_ip=198.18.1.11", *NO_KVSTORE), "is already the IP of"),
     ],
-    ids=["direct-with-off-link-peer", "unknown-mode", "node-pod-cidr-outside-cluster"],
+    ids=["direct-with-off-link-peer", "unknown-mode", "node-pod-cidr-outside-cluster", "peer-with-own-ip"],
 )
 def test_bad_input_fails_clearly_and_applies_nothing(lab_up, extra, message):
     run = playbook(PREFIX, ROUTING, *extra, check=False)
