@@ -307,11 +307,9 @@ def matrix(rows):
 
     Each cell is ``ok <rtt> ms`` or the reason it failed (icmp, tcp, or nat: the source seen)."""
     clients = [r["client"] for r in rows]
-    targets = []
-    for r in rows:
-        for res in r["results"]:
-            if res["name"] not in targets:
-                targets.append(res["name"])
+    named = {res["name"] for r in rows for res in r["results"]}
+    # columns in the rows' order, so the empty diagonal lines up; targets that are no client last
+    targets = [c for c in clients if c in named] + sorted(named.difference(clients))
     cells = {}
     failures = []
     for r in rows:
@@ -343,9 +341,10 @@ def matrix(rows):
             cells[(r["client"], res["name"])] = cell
     width = max([len("from \\ to")] + [len(c) for c in clients])
     colw = {t: max(len(t), *(len(cells.get((c, t), "-")) for c in clients)) for t in targets}
-    lines = ["%-*s  %s" % (width, "from \\ to", "  ".join("%-*s" % (colw[t], t) for t in targets))]
+    lines = [("%-*s  %s" % (width, "from \\ to", "  ".join("%-*s" % (colw[t], t) for t in targets))).rstrip()]
     for c in clients:
-        lines.append("%-*s  %s" % (width, c, "  ".join("%-*s" % (colw[t], cells.get((c, t), "-")) for t in targets)))
+        cells_of_c = "  ".join("%-*s" % (colw[t], cells.get((c, t), "-")) for t in targets)
+        lines.append(("%-*s  %s" % (width, c, cells_of_c)).rstrip())
     total = sum(len(r["results"]) for r in rows)
     lines.append("%d of %d paths ok" % (total - len(failures), total))
     return {"lines": lines, "failures": failures, "total": total, "passed": total - len(failures)}

@@ -81,5 +81,8 @@ def test_matrix_counts_and_names_every_failure():
     assert report["total"] == 4 and report["passed"] == 2
     assert report["lines"][-1] == "2 of 4 paths ok"
     assert "FAIL" in report["lines"][1] and "NAT(198.18.1.12)" in report["lines"][2]
+    # columns follow the rows, so each client's own (empty) cell is on the diagonal
+    assert report["lines"][0].split()[-3:] == ["a", "b", "c"]
+    assert report["lines"][1].split()[1] == "-" and report["lines"][2].split()[2] == "-"
     assert any("a -> c" in f and "0/3 replies" in f for f in report["failures"])
     assert any("server saw source 198.18.1.12 instead of 10.1.1.2" in f for f in report["failures"])
