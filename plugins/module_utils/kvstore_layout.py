@@ -485,3 +485,43 @@ def decode_cluster_config(value: bytes | str) -> ClusterConfig:
         cached=caps.get("cached", False),
         max_connected_clusters=max_clusters,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# clustermesh.core's own keys: service declarations (clusters without Kubernetes)
+# --------------------------------------------------------------------------------------------
+#
+#   cilium/clustermesh-core/services/v1/<namespace>/<name>    service declaration JSON (services.py)
+#
+# Under ``cilium/`` because a node's admin user may write only there (etcd_auth.desired_auth), but
+# outside everything a remote cluster may read (control_plane.remote_read_keys): a declaration is
+# this cluster's own configuration; what remote clusters see is the ClusterService under
+# ``cilium/state/services/v1/``.  Cilium itself uses nothing under ``cilium/clustermesh-core/``.
+
+OWN_PREFIX = "cilium/clustermesh-core/"
+SERVICE_DECLARATIONS_PREFIX = "cilium/clustermesh-core/services/v1/"
+
+
+@dataclass(frozen=True)
+class ServiceDeclarationKey:
+    namespace: str
+    name: str
+
+
+def service_declarations_prefix(namespace: str | None = None) -> str:
+    if namespace is None:
+        return SERVICE_DECLARATIONS_PREFIX
+    return f"{SERVICE_DECLARATIONS_PREFIX}{validate_dns_label(namespace, 'namespace')}/"
+
+
+def service_declaration_key(namespace: str, name: str) -> str:
+    return f"{service_declarations_prefix(namespace)}{validate_dns_label(name, 'service name')}"
+
+
+def parse_service_declaration_key(key: str) -> ServiceDeclarationKey:
+    """``cilium/clustermesh-core/services/v1/<namespace>/<name>`` -> ServiceDeclarationKey."""
+    rest = _strip_prefix(key, SERVICE_DECLARATIONS_PREFIX, "service declaration")
+    namespace, name = _split_exact(
+        rest, 2, key, "service declaration", "cilium/clustermesh-core/services/v1/<namespace>/<name>"
+    )
+    return ServiceDeclarationKey(validate_dns_label(namespace, "namespace"), validate_dns_label(name, "service name"))
