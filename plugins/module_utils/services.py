@@ -76,6 +76,16 @@ def _fail(where: str, message: str) -> ServiceError:
     return ServiceError(f"{where}: {message}" if where else message)
 
 
+def _load_object(value: bytes | str, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(value)
+    except (ValueError, TypeError) as exc:
+        raise ServiceError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ServiceError(f"{what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -459,12 +469,7 @@ def decode_declaration(
     value: bytes | str, *, namespace: str | None = None, name: str | None = None
 ) -> ServiceDeclaration:
     """Parse and validate a stored declaration (and that it is the one of the key it was read from)."""
-    try:
-        data = json.loads(value)
-    except (ValueError, TypeError) as exc:
-        raise ServiceError(f"service declaration is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ServiceError(f"service declaration must be a JSON object, got {type(data).__name__}")
+    data = _load_object(value, "service declaration")
     if data.get("version") != DECLARATION_VERSION:
         raise _fail("version", f"{data.get('version')!r} is not a known declaration version ({DECLARATION_VERSION})")
     ports = data.get("ports")
@@ -610,12 +615,7 @@ def decode_cluster_service(
     such as ``hostnames``); Go's ``null`` for an empty map is accepted.  Raises :class:`ServiceError`
     with the reason.
     """
-    try:
-        data = json.loads(value)
-    except (ValueError, TypeError) as exc:
-        raise ServiceError(f"ClusterService is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ServiceError(f"ClusterService must be a JSON object, got {type(data).__name__}")
+    data = _load_object(value, "ClusterService")
     for key in ("cluster", "namespace", "name"):
         if not isinstance(data.get(key), str) or not data.get(key):
             raise _fail(key, f"must be a non-empty string, got {data.get(key)!r}")
@@ -794,3 +794,26 @@ def merge_service(
         frontends.append(MergedFrontend(decl.cluster_ip, port.port, port.protocol, port.name, tuple(backends)))
     clusters = tuple(sorted({b.cluster for f in frontends for b in f.backends}))
     return MergedService(decl.namespace, decl.name, tuple(frontends), clusters, using)
+
+
+def merge_all(
+    declarations: Iterable[ServiceDeclaration],
+    local_cluster: str,
+    cluster_services: Iterable[ClusterService],
+    health: Health | None = None,
+) -> dict[tuple[str, str], MergedService]:
+    """:func:`merge_service` for every declaration, keyed by (namespace, name).
+
+    The ClusterServices are grouped by namespace/name once (linear in their number); those of
+    services this cluster does not declare are ignored (a cluster consumes only what it declares).
+    """
+    by_service: dict[tuple[str, str], list[ClusterService]] = {}
+    for svc in cluster_services:
+        by_service.setdefault((svc.namespace, svc.name), []).append(svc)
+    result = {}
+    for decl in declarations:
+        key = (decl.namespace, decl.name)
+        if key in result:
+            raise ValueError(f"two declarations of {decl.namespace}/{decl.name}")
+        result[key] = merge_service(decl, local_cluster, by_service.get(key, ()), health)
+    return result

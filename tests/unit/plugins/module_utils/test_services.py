@@ -520,3 +520,21 @@ def test_merge_of_a_hand_written_cilium_value():
     )
     merged = S.merge_service(decl(GLOBAL, cluster_ip="172.30.2.10"), "cluster3", [remote])
     assert backends_of(merged) == [("cluster2", "10.1.0.21", 80)]
+
+
+def test_merge_all_groups_by_service_and_ignores_undeclared_ones():
+    other = decl(GLOBAL, name="x-wing", cluster_ip="172.30.1.11")
+    services = [
+        cs("cluster1", 1, C1),
+        cs("cluster2", 2, C2),
+        cs("cluster2", 2, ["10.2.0.99"], svc_name="x-wing"),
+        cs("cluster2", 2, ["10.2.0.77"], svc_name="not-declared-here"),
+    ]
+    merged = S.merge_all([decl(GLOBAL), other], "cluster1", services, {("cluster2", "10.2.0.21"): False})
+    assert sorted(merged) == [("default", "rebel-base"), ("default", "x-wing")]
+    assert backends_of(merged["default", "rebel-base"]) == [("cluster1", ip, 80) for ip in C1] + [
+        ("cluster2", "10.2.0.22", 80)
+    ]
+    assert backends_of(merged["default", "x-wing"]) == [("cluster2", "10.2.0.99", 80)]
+    with pytest.raises(ValueError, match="two declarations of default/x-wing"):
+        S.merge_all([other, other], "cluster1", services)
