@@ -13,7 +13,9 @@ Layout of this file, to keep it easy to extend with more commands:
 * one ``ctypes.Structure`` per attr variant (``MapCreateAttr``, ``ProgLoadAttr``, ...), all
   members of the :class:`BpfAttr` union; add the variant for a new command there;
 * :func:`bpf` issues a command and turns a failure into :class:`BpfError`;
-* small typed helpers on top (:func:`map_create`, :func:`prog_load`, :func:`link_create`).
+* small typed helpers on top (:func:`map_create`, :func:`prog_load`, :func:`link_create`,
+  :func:`obj_get`, :func:`map_info`, :func:`map_lookup`, :func:`map_update`, :func:`map_delete`,
+  :func:`map_keys`).
 
 File descriptors returned are plain ints owned by the caller; :func:`close` or
 :class:`BpfFd` (a context manager) closes them.
@@ -162,6 +164,28 @@ class LinkCreateAttr(ctypes.Structure):
     ]
 
 
+class MapElemAttr(ctypes.Structure):
+    """BPF_MAP_LOOKUP_ELEM / UPDATE_ELEM / DELETE_ELEM / GET_NEXT_KEY (value doubles as next_key)."""
+
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class ObjAttr(ctypes.Structure):
+    """BPF_OBJ_PIN / BPF_OBJ_GET."""
+
+    _fields_ = [
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("file_flags", ctypes.c_uint32),
+    ]
+
+
 class InfoByFdAttr(ctypes.Structure):
     """BPF_OBJ_GET_INFO_BY_FD."""
 
@@ -184,6 +208,20 @@ class ProgInfo(ctypes.Structure):
     ]
 
 
+class MapInfo(ctypes.Structure):
+    """Head of struct bpf_map_info."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+    ]
+
+
 class BpfAttr(ctypes.Union):
     """union bpf_attr, always BPF_ATTR_SIZE bytes; ctypes zero-fills it on creation."""
 
@@ -191,6 +229,8 @@ class BpfAttr(ctypes.Union):
         ("map_create", MapCreateAttr),
         ("prog_load", ProgLoadAttr),
         ("link_create", LinkCreateAttr),
+        ("map_elem", MapElemAttr),
+        ("obj", ObjAttr),
         ("info_by_fd", InfoByFdAttr),
         ("raw", ctypes.c_ubyte * BPF_ATTR_SIZE),
     ]
@@ -372,3 +412,93 @@ def prog_info(prog_fd):
     attr.info_by_fd.info = ctypes.addressof(info)
     bpf(Cmd.OBJ_GET_INFO_BY_FD, attr, "program info")
     return info
+
+
+def obj_get(path, read_only=False):
+    """Open a pinned BPF object (map, program, link) by its bpffs path; returns a :class:`BpfFd`."""
+    path_buf = ctypes.create_string_buffer(os.fsencode(path))
+    attr = BpfAttr()
+    attr.obj.pathname = ctypes.addressof(path_buf)
+    attr.obj.file_flags = 1 if read_only else 0  # BPF_F_RDONLY
+    return BpfFd(bpf(Cmd.OBJ_GET, attr, str(path)))
+
+
+def map_info(map_fd):
+    """The head of bpf_map_info of a map fd (type, id, key/value size, max_entries, flags, name)."""
+    info = MapInfo()
+    attr = BpfAttr()
+    attr.info_by_fd.bpf_fd = map_fd
+    attr.info_by_fd.info_len = ctypes.sizeof(info)
+    attr.info_by_fd.info = ctypes.addressof(info)
+    bpf(Cmd.OBJ_GET_INFO_BY_FD, attr, "map info")
+    return info
+
+
+# BPF_MAP_UPDATE_ELEM flags
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+
+def _elem_attr(map_fd, key_buf, value_buf=None, flags=0):
+    attr = BpfAttr()
+    a = attr.map_elem
+    a.map_fd = map_fd
+    a.key = ctypes.addressof(key_buf) if key_buf is not None else 0
+    a.value = ctypes.addressof(value_buf) if value_buf is not None else 0
+    a.flags = flags
+    return attr
+
+
+def map_lookup(map_fd, key, value_size):
+    """The value stored under ``key`` (bytes of ``value_size``), or None when there is none.
+
+    ``value_size`` is the map's value size (times the possible CPUs, rounded up to 8, for per-CPU maps).
+    """
+    key_buf = ctypes.create_string_buffer(bytes(key), len(key))
+    value_buf = ctypes.create_string_buffer(value_size)
+    try:
+        bpf(Cmd.MAP_LOOKUP_ELEM, _elem_attr(map_fd, key_buf, value_buf), "lookup")
+    except BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    return value_buf.raw
+
+
+def map_update(map_fd, key, value, flags=BPF_ANY):
+    """Store ``value`` under ``key`` (``flags``: BPF_ANY, BPF_NOEXIST or BPF_EXIST)."""
+    key_buf = ctypes.create_string_buffer(bytes(key), len(key))
+    value_buf = ctypes.create_string_buffer(bytes(value), len(value))
+    bpf(Cmd.MAP_UPDATE_ELEM, _elem_attr(map_fd, key_buf, value_buf, flags), "update")
+
+
+def map_delete(map_fd, key):
+    """Delete ``key``; True when it was there, False when it was not."""
+    key_buf = ctypes.create_string_buffer(bytes(key), len(key))
+    try:
+        bpf(Cmd.MAP_DELETE_ELEM, _elem_attr(map_fd, key_buf), "delete")
+    except BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_keys(map_fd, key_size):
+    """Every key of a map (bytes), by BPF_MAP_GET_NEXT_KEY from the start.
+
+    Keys deleted or added while iterating may be missed or seen twice, as with any walk of a live map.
+    """
+    next_buf = ctypes.create_string_buffer(key_size)
+    key_buf = None  # NULL key: the first key
+    while True:
+        try:
+            bpf(Cmd.MAP_GET_NEXT_KEY, _elem_attr(map_fd, key_buf, next_buf), "get next key")
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return
+            raise
+        key = next_buf.raw
+        yield key
+        key_buf = ctypes.create_string_buffer(key, key_size)
