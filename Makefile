@@ -15,7 +15,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/build/collections
 export ANSIBLE_FORCE_COLOR := 0
 
-.PHONY: help deps collection demo demo-down lab-up lab-down test lint sanity units lab-tests molecule bench bench-datapath clean
+.PHONY: help deps collection demo demo-down lab-up lab-down test lint sanity units lab-tests molecule bench bench-datapath bpf clean
 
 help:
 	@echo "make demo       install what is needed, build the lab, run playbooks/site.yml against it"
@@ -74,6 +74,10 @@ bench: collection
 # Pod-to-pod throughput and latency per routing mode against plain routing (issue 4), ~9 minutes.
 bench-datapath: collection
 	$(BIN)/python bench/datapath.py --rounds $(BENCH_ROUNDS)
+
+# The tc datapath (bpf/lb.c) against this kernel's BTF, into build/bpf (issue 5 groundwork).
+bpf:
+	@$(MAKE) -C bpf OUT=$(CURDIR)/build/bpf
 
 clean:
 	rm -rf build tests/output
