@@ -6,11 +6,12 @@
 Small synchronous functions over a :class:`kvstore_client.KVStoreClient`; the agent's loop
 calls them.  Values are encoded by :mod:`mesh_state`, keys built by :mod:`kvstore_layout`.
 
-**Identity allocation** (:func:`allocate_identity`): an endpoint's labels plus
-``io.cilium.k8s.policy.cluster=<cluster>`` give a canonical label string; the identity with
-that string is reused, otherwise the lowest ID of the cluster's identity range that has no
-``cilium/state/identities/v1/id/<ID>`` key is taken.  Taking it is one etcd transaction that
-creates both the ID key (value: the label string, as Cilium writes it) and our reverse index
+**Identity allocation** (:class:`IdentityAllocator`, :func:`allocate_identity`): an endpoint's
+labels plus ``io.cilium.k8s.policy.cluster=<cluster>`` give a canonical label string; the
+identity with that string is reused, otherwise the lowest ID of the cluster's identity range
+that has no ``cilium/state/identities/v1/id/<ID>`` key (as of the allocator's last scan) is
+taken.  Taking it is one etcd transaction that creates both the ID key (value: the label
+string, as Cilium writes it) and our reverse index
 
     cilium/clustermesh-core/identities/v1/labels/<sha256 hex of the label string>  ->  "<ID>"
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -90,29 +92,17 @@ def _via_index(client: KVStoreClient, index_key: str, label_string: str, first: 
     return None
 
 
-def _scan(client: KVStoreClient, label_string: str, first: int, last: int) -> tuple[int | None, set[int]]:
-    """(lowest ID in range holding ``label_string`` or None, IDs in range that are taken)."""
-    taken: set[int] = set()
-    match: int | None = None
-    wanted = label_string.encode()
+def _scan(client: KVStoreClient, first: int, last: int) -> dict[int, bytes]:
+    """The identities of the range ``first..last``: ID -> label string as stored."""
+    found: dict[int, bytes] = {}
     for kv in client.get_prefix(layout.IDENTITY_ID_PREFIX):
         try:
             number = layout.parse_identity_key(kv.key)
         except layout.KeyLayoutError:
             continue
-        if not first <= number <= last:
-            continue
-        taken.add(number)
-        if kv.value == wanted and (match is None or number < match):
-            match = number
-    return match, taken
-
-
-def _lowest_free(taken: set[int], first: int, last: int) -> int | None:
-    number = first
-    while number in taken:
-        number += 1
-    return number if number <= last else None
+        if first <= number <= last:
+            found[number] = kv.value
+    return found
 
 
 def _create_both(client: KVStoreClient, id_key: str, index_key: str, label_string: str, number: int) -> bool:
@@ -131,6 +121,96 @@ def _create_both(client: KVStoreClient, id_key: str, index_key: str, label_strin
     return ok
 
 
+class IdentityAllocator:
+    """Allocates identities of one cluster, remembering the last scan of its ID keys.
+
+    A label set already in the index costs two reads.  A new one needs the taken IDs: they come
+    from the last full scan of ``cilium/state/identities/v1/id/`` (plus what this object created
+    since), refreshed when a create transaction loses (someone else took the ID) or the scan is
+    older than ``scan_max_age`` seconds.  Correctness does not depend on the cache (the
+    transaction decides); only an identity written *without* our index by someone else within
+    ``scan_max_age`` may be missed and get a second ID for the same labels.  Not thread-safe:
+    one per agent loop (concurrent agents are safe against each other through etcd).
+    """
+
+    def __init__(
+        self,
+        client: KVStoreClient,
+        cluster: str,
+        cluster_id: int,
+        *,
+        max_connected: int = DEFAULT_MAX_CONNECTED_CLUSTERS,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        scan_max_age: float = 10.0,
+    ):
+        self.client = client
+        self.cluster = layout.validate_cluster_name(cluster, "cluster")
+        self.cluster_id = cluster_id
+        self.first, self.last = cluster_identity_range(cluster_id, max_connected)
+        self.max_attempts = max_attempts
+        self.scan_max_age = scan_max_age
+        self._known: dict[int, bytes] | None = None  # ID -> label string, from the last scan
+        self._scanned_at = 0.0
+        self._next = self.first  # no free ID below this one at the last scan
+        self.scans = 0
+
+    def _rescan(self) -> None:
+        self._known = _scan(self.client, self.first, self.last)
+        self._scanned_at = time.monotonic()
+        self._next = self.first
+        self.scans += 1
+
+    def _lowest_free(self) -> int | None:
+        number = self._next
+        while number in self._known:
+            number += 1
+        self._next = number
+        return number if number <= self.last else None
+
+    def allocate(self, labels: Mapping[str, str] | None) -> Allocation:
+        """Reuse or allocate the identity of ``labels`` (+ the cluster label) in the cluster's range.
+
+        Raises :class:`mesh_state.StateError` for invalid labels, :class:`IdentityAllocationError`
+        when the range is full or ``max_attempts`` transactions lost to other writers, and
+        ``KVStoreError`` for etcd failures.
+        """
+        label_string = identity_label_string(self.cluster, labels)
+        wanted = label_string.encode()
+        index_key = identity_index_key(label_string)
+        scans_before = self.scans
+        for _attempt in range(self.max_attempts):
+            number = _via_index(self.client, index_key, label_string, self.first, self.last)
+            if number is not None:
+                return Allocation(number, label_string, False)
+            if self._known is None or time.monotonic() - self._scanned_at > self.scan_max_age:
+                self._rescan()
+            matches = [n for n, value in self._known.items() if value == wanted]
+            if matches:
+                number = min(matches)
+                current = self.client.get(layout.identity_key(number))
+                if current is not None and current.value == wanted:
+                    self.client.put_if_absent(index_key, str(number))  # repair the shortcut
+                    return Allocation(number, label_string, False)
+                self._rescan()  # the cache was wrong: that identity is gone
+                continue
+            number = self._lowest_free()
+            if number is None and self.scans == scans_before:
+                self._rescan()  # identities may have been removed since the last scan
+                number = self._lowest_free()
+            if number is None:
+                raise IdentityAllocationError(
+                    f"identity range {self.first}..{self.last} of cluster {self.cluster!r} "
+                    f"(ID {self.cluster_id}) is full; remove unused identities under {layout.IDENTITY_ID_PREFIX}"
+                )
+            if _create_both(self.client, layout.identity_key(number), index_key, label_string, number):
+                self._known[number] = wanted
+                return Allocation(number, label_string, True)
+            self._rescan()  # lost: someone took the ID or the labels meanwhile
+        raise IdentityAllocationError(
+            f"could not allocate an identity for {label_string!r} in {self.max_attempts} attempts (too much contention)"
+        )
+
+
 def allocate_identity(
     client: KVStoreClient,
     cluster: str,
@@ -140,34 +220,9 @@ def allocate_identity(
     max_connected: int = DEFAULT_MAX_CONNECTED_CLUSTERS,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> Allocation:
-    """Reuse or allocate the identity of ``labels`` (+ the cluster label) in ``cluster``'s range.
-
-    Raises :class:`mesh_state.StateError` for invalid labels, :class:`IdentityAllocationError`
-    when the range is full or ``max_attempts`` transactions lost to other writers, and
-    ``KVStoreError`` for etcd failures.
-    """
-    label_string = identity_label_string(cluster, labels)
-    first, last = cluster_identity_range(cluster_id, max_connected)
-    index_key = identity_index_key(label_string)
-    for _attempt in range(max_attempts):
-        number = _via_index(client, index_key, label_string, first, last)
-        if number is not None:
-            return Allocation(number, label_string, False)
-        match, taken = _scan(client, label_string, first, last)
-        if match is not None:
-            client.put_if_absent(index_key, str(match))  # repair the shortcut; a racing writer is fine
-            return Allocation(match, label_string, False)
-        number = _lowest_free(taken, first, last)
-        if number is None:
-            raise IdentityAllocationError(
-                f"identity range {first}..{last} of cluster {cluster!r} (ID {cluster_id}) is full; "
-                "remove unused identities under " + layout.IDENTITY_ID_PREFIX
-            )
-        if _create_both(client, layout.identity_key(number), index_key, label_string, number):
-            return Allocation(number, label_string, True)
-    raise IdentityAllocationError(
-        f"could not allocate an identity for {label_string!r} in {max_attempts} attempts (too much contention)"
-    )
+    """One allocation with a fresh scan (see :class:`IdentityAllocator` for many)."""
+    allocator = IdentityAllocator(client, cluster, cluster_id, max_connected=max_connected, max_attempts=max_attempts)
+    return allocator.allocate(labels)
 
 
 def lookup_identity(client: KVStoreClient, identity: int) -> str | None:

@@ -46,11 +46,13 @@ from .kvstore_layout import (
 )
 from .mesh_model import (
     DEFAULT_MAX_CONNECTED_CLUSTERS,
+    _is_int,
     cluster_id_error,
     cluster_identity_range,
     identity_in_cluster_range,
 )
-from .services import label_key_error, label_value_error
+from .services import ServiceError, label_key_error, label_value_error
+from .services import _load_object as load_json_object
 
 CLUSTER_LABEL = "io.cilium.k8s.policy.cluster"
 DEFAULT_LABEL_SOURCE = "k8s"
@@ -74,18 +76,11 @@ def _fail(where: str, message: str) -> StateError:
     return StateError(f"{where}: {message}" if where else message)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _load_object(value: bytes | str, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(value)
-    except (ValueError, TypeError) as exc:
-        raise StateError(f"{what} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise StateError(f"{what} must be a JSON object, got {type(data).__name__}")
-    return data
+        return load_json_object(value, what)
+    except ServiceError as exc:
+        raise StateError(str(exc)) from None
 
 
 def _dumps(data: Any) -> bytes:

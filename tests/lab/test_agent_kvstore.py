@@ -16,6 +16,7 @@ from ansible_collections.clustermesh.core.plugins.module_utils import kvstore_la
 from ansible_collections.clustermesh.core.plugins.module_utils.agent_kvstore import (
     IDENTITY_INDEX_PREFIX,
     IdentityAllocationError,
+    IdentityAllocator,
     allocate_identity,
     identity_index_key,
     lookup_identity,
@@ -135,6 +136,33 @@ def test_allocate_range_full(client, monkeypatch):
         allocate_identity(client, "cluster1", 1, {"n": "v3"})
     assert len(client.get_prefix(layout.IDENTITY_ID_PREFIX)) == 3
     assert len(client.get_prefix(IDENTITY_INDEX_PREFIX)) == 3
+
+
+def test_allocator_scans_once_and_recovers_from_others(client):
+    """Many allocations cost one scan; when another agent took the cached next ID, the lost
+    transaction makes it rescan and take the next free one; after its identities are removed
+    a full range is rescanned before giving up."""
+    a = IdentityAllocator(client, "cluster1", 1)
+    b = IdentityAllocator(client, "cluster1", 1)
+    assert [a.allocate({"n": f"v{i}"}).id for i in range(20)] == [C1_FIRST + i for i in range(20)]
+    assert a.scans == 1
+    # b scanned nothing yet: it sees all 20 and takes 20; a's cache still says 20 is free
+    assert b.allocate({"n": "from-b"}).id == C1_FIRST + 20
+    got = a.allocate({"n": "from-a"})
+    assert (got.id, got.created) == (C1_FIRST + 21, True)
+    assert a.scans == 2
+    # b's labels are found by a through the index, without a scan
+    assert a.allocate({"n": "from-b"}).id == C1_FIRST + 20
+    assert a.scans == 2
+
+
+def test_allocator_rescans_a_full_range(client, monkeypatch):
+    monkeypatch.setattr(agent_kvstore, "cluster_identity_range", lambda cid, maxc: (C1_FIRST, C1_FIRST + 1))
+    a = IdentityAllocator(client, "cluster1", 1)
+    a.allocate({"n": "1"})
+    a.allocate({"n": "2"})
+    client.delete(layout.identity_key(C1_FIRST))  # freed by someone (garbage collection)
+    assert a.allocate({"n": "3"}).id == C1_FIRST
 
 
 def test_allocate_rejects_bad_labels_before_writing(client):
