@@ -23,7 +23,9 @@ skips.  Given the place a value was read from (the cluster of a remote kvstore a
 also reject what does not belong there: a node whose ``Cluster``/``ClusterID``/``Name`` differ
 from its key and connection, an ipcache entry whose identity is outside that cluster's identity
 range, an identity without that cluster's ``io.cilium.k8s.policy.cluster`` label.  Unknown JSON
-fields are ignored (newer Cilium versions add some).  Pure: no I/O, no Ansible.
+fields are ignored (newer Cilium versions add some).  :func:`decode_remote_value` is the one
+entry point for any key/value read from a remote cluster (ClusterServices included, decoded by
+:mod:`services`).  Pure: no I/O, no Ansible.
 """
 
 from __future__ import annotations
@@ -36,11 +38,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .kvstore_layout import (
+    IDENTITY_ID_PREFIX,
+    IP_PREFIX,
+    NODES_PREFIX,
+    SERVICES_PREFIX,
     KeyLayoutError,
     canonical_ip,
     parse_identity_key,
     parse_ip_key,
     parse_node_key,
+    parse_service_key,
     validate_cluster_name,
     validate_node_name,
 )
@@ -51,7 +58,7 @@ from .mesh_model import (
     cluster_identity_range,
     identity_in_cluster_range,
 )
-from .services import ServiceError, label_key_error, label_value_error
+from .services import ServiceError, decode_cluster_service, label_key_error, label_value_error
 from .services import _load_object as load_json_object
 
 CLUSTER_LABEL = "io.cilium.k8s.policy.cluster"
@@ -664,3 +671,63 @@ def decode_ipcache_entry(
         k8s_namespace=_string(data.get("K8sNamespace", ""), f"{where}: K8sNamespace"),
         k8s_pod_name=_string(data.get("K8sPodName", ""), f"{where}: K8sPodName"),
     )
+
+
+# --- one entry point for values read from a remote cluster ------------------------------------------
+
+KIND_NODE = "node"
+KIND_IPCACHE = "ipcache"
+KIND_IDENTITY = "identity"
+KIND_SERVICE = "service"
+
+
+@dataclass(frozen=True)
+class RemoteValue:
+    kind: str  # KIND_NODE / KIND_IPCACHE / KIND_IDENTITY / KIND_SERVICE
+    key: str
+    value: Any  # NodeRecord / IPCacheEntry / Identity / services.ClusterService
+
+
+def decode_remote_value(
+    key: str,
+    value: bytes | str,
+    *,
+    cluster: str,
+    cluster_id: int,
+    max_connected: int = DEFAULT_MAX_CONNECTED_CLUSTERS,
+) -> RemoteValue:
+    """Decode and validate a key/value read from cluster ``cluster`` (ID ``cluster_id``)'s kvstore.
+
+    Nodes and services must be under that cluster's prefix and name it (and its ID); ipcache
+    entries and identities must lie in its identity range; identities must carry its cluster
+    label.  Raises :class:`StateError` with the reason (the caller logs, counts and skips).
+    """
+    try:
+        if key.startswith(NODES_PREFIX):
+            node_key = parse_node_key(key)
+            if node_key.cluster != cluster:
+                raise StateError(f"a node of cluster {node_key.cluster!r} in cluster {cluster!r}'s kvstore")
+            node = decode_node(value, key=key, cluster=cluster, cluster_id=cluster_id, max_connected=max_connected)
+            return RemoteValue(KIND_NODE, key, node)
+        if key.startswith(IP_PREFIX):
+            entry = decode_ipcache_entry(value, key=key, cluster_id=cluster_id, max_connected=max_connected)
+            return RemoteValue(KIND_IPCACHE, key, entry)
+        if key.startswith(IDENTITY_ID_PREFIX):
+            identity = decode_identity(key, value, cluster=cluster, cluster_id=cluster_id, max_connected=max_connected)
+            return RemoteValue(KIND_IDENTITY, key, identity)
+        if key.startswith(SERVICES_PREFIX):
+            svc_key = parse_service_key(key)
+            if svc_key.cluster != cluster:
+                raise StateError(f"a service of cluster {svc_key.cluster!r} in cluster {cluster!r}'s kvstore")
+            svc = decode_cluster_service(
+                value,
+                cluster=cluster,
+                cluster_id=cluster_id,
+                namespace=svc_key.namespace,
+                name=svc_key.name,
+                max_connected=max_connected,
+            )
+            return RemoteValue(KIND_SERVICE, key, svc)
+    except (KeyLayoutError, ServiceError, StateError) as exc:
+        raise StateError(f"{key!r}: {exc}") from None
+    raise StateError(f"{key!r} is not a node, ipcache, identity or service key")

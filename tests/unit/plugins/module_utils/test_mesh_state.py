@@ -6,11 +6,21 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
+from ansible_collections.clustermesh.core.plugins.module_utils.agent_kvstore import (
+    IDENTITY_INDEX_PREFIX,
+    identity_index_key,
+)
+from ansible_collections.clustermesh.core.plugins.module_utils.control_plane import remote_read_keys
 from ansible_collections.clustermesh.core.plugins.module_utils.mesh_state import (
     CLUSTER_LABEL,
+    KIND_IDENTITY,
+    KIND_IPCACHE,
+    KIND_NODE,
+    KIND_SERVICE,
     Label,
     StateError,
     build_label_string,
@@ -18,6 +28,7 @@ from ansible_collections.clustermesh.core.plugins.module_utils.mesh_state import
     decode_ipcache_entry,
     decode_mask,
     decode_node,
+    decode_remote_value,
     encode_ipcache_entry,
     encode_mask,
     encode_node,
@@ -369,3 +380,99 @@ def test_decode_ipcache_entry_rejects_with_reason(change, match):
 def test_make_ipcache_entry_rejects(args, match):
     with pytest.raises(StateError, match=match):
         make_ipcache_entry(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# values read from a remote cluster
+# --------------------------------------------------------------------------------------------
+
+SERVICE_JSON = {
+    "cluster": "cluster2",
+    "namespace": "default",
+    "name": "rebel-base",
+    "frontends": {"172.30.2.10": {"http": {"Protocol": "TCP", "Port": 80}}},
+    "backends": {"10.2.0.21": {"http": {"Protocol": "TCP", "Port": 80}}},
+    "labels": {},
+    "selector": {"name": "rebel-base"},
+    "includeExternal": True,
+    "shared": True,
+    "clusterID": 2,
+}
+
+
+def test_decode_remote_value_dispatches_and_accepts_good_values():
+    node = make_node_record("c2-n1", "cluster2", 2, [("InternalIP", "198.18.2.11")])
+    got = decode_remote_value(
+        "cilium/state/nodes/v1/cluster2/c2-n1", encode_node(node), cluster="cluster2", cluster_id=2
+    )
+    assert (got.kind, got.value) == (KIND_NODE, node)
+    entry = make_ipcache_entry("10.2.0.5", (2 << 16) + 5, "198.18.2.11")
+    got = decode_remote_value(
+        "cilium/state/ip/v1/default/10.2.0.5", encode_ipcache_entry(entry), cluster="cluster2", cluster_id=2
+    )
+    assert (got.kind, got.value) == (KIND_IPCACHE, entry)
+    labels = identity_label_string("cluster2", {"name": "x-wing"})
+    got = decode_remote_value(f"cilium/state/identities/v1/id/{2 << 16}", labels, cluster="cluster2", cluster_id=2)
+    assert (got.kind, got.value.id) == (KIND_IDENTITY, 2 << 16)
+    key = "cilium/state/services/v1/cluster2/default/rebel-base"
+    got = decode_remote_value(key, json.dumps(SERVICE_JSON), cluster="cluster2", cluster_id=2)
+    assert (got.kind, got.value.name, got.value.cluster_id) == (KIND_SERVICE, "rebel-base", 2)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        # a node of another cluster published in cluster2's kvstore
+        (
+            "cilium/state/nodes/v1/cluster1/c1-n1",
+            encode_node(make_node_record("c1-n1", "cluster1", 1, [("InternalIP", "198.18.1.11")])),
+            "a node of cluster 'cluster1' in cluster 'cluster2'",
+        ),
+        # a node record claiming another cluster ID
+        (
+            "cilium/state/nodes/v1/cluster2/c2-n1",
+            encode_node(make_node_record("c2-n1", "cluster2", 3, [("InternalIP", "198.18.2.11")])),
+            "ClusterID is 3 but cluster 'cluster2' has ID 2",
+        ),
+        # cluster2 claims an endpoint with cluster1's identity
+        (
+            "cilium/state/ip/v1/default/10.2.0.5",
+            encode_ipcache_entry(make_ipcache_entry("10.2.0.5", 65637, "198.18.2.11")),
+            "identity 65637 is outside the range 131072..196607 of cluster ID 2",
+        ),
+        (
+            f"cilium/state/identities/v1/id/{2 << 16}",
+            "k8s:io.cilium.k8s.policy.cluster=cluster1;k8s:name=x;",
+            "is 'cluster1', not 'cluster2'",
+        ),
+        ("cilium/state/identities/v1/id/5", "k8s:io.cilium.k8s.policy.cluster=cluster2;", "outside the identity range"),
+        (
+            "cilium/state/services/v1/cluster1/default/rebel-base",
+            json.dumps(SERVICE_JSON),
+            "a service of cluster 'cluster1' in cluster 'cluster2'",
+        ),
+        (
+            "cilium/state/services/v1/cluster2/default/rebel-base",
+            json.dumps({**SERVICE_JSON, "clusterID": 7}),
+            "cilium/state/services/v1/cluster2/default/rebel-base': ",
+        ),
+        ("cilium/state/ip/v1/default/10.2.0.5", b"{", "not valid JSON"),
+        ("cilium/state/nodes/v1/cluster2/a/b", b"{}", "not a node key"),
+        ("cilium/state/other/v1/x", b"{}", "is not a node, ipcache, identity or service key"),
+    ],
+)
+def test_decode_remote_value_rejects_with_key_and_reason(key, value, match):
+    with pytest.raises(StateError, match=re.escape(match)) as info:
+        decode_remote_value(key, value, cluster="cluster2", cluster_id=2)
+    assert repr(key) in str(info.value) or key in str(info.value)
+
+
+def test_identity_index_is_ours_and_not_remotely_readable():
+    """The reverse index lives under cilium/ (the admin user may write it) but outside every key
+    a remote cluster may read, and does not depend on anything but the label string."""
+    key = identity_index_key("k8s:io.cilium.k8s.policy.cluster=c1;k8s:name=x;")
+    assert key == identity_index_key("k8s:io.cilium.k8s.policy.cluster=c1;k8s:name=x;")
+    assert key != identity_index_key("k8s:io.cilium.k8s.policy.cluster=c2;k8s:name=x;")
+    assert key.startswith(IDENTITY_INDEX_PREFIX) and key.startswith("cilium/clustermesh-core/")
+    for allowed, is_prefix in remote_read_keys("c1"):
+        assert not (key.startswith(allowed) if is_prefix else key == allowed)
