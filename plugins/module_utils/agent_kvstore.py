@@ -264,6 +264,14 @@ def publish_ipcache_entry(client: KVStoreClient, entry: IPCacheEntry, lease: int
     return put_if_changed(client, layout.ip_key(entry.ip), encode_ipcache_entry(entry), lease)
 
 
+def delete_if_ours(client: KVStoreClient, key: str, lease: int | Lease) -> bool:
+    """Delete ``key`` only if it is held under ``lease`` and unchanged since read.  True when deleted."""
+    current = client.get(key)
+    if current is None or current.lease != _lease_id(lease):
+        return False
+    return client.delete_if_mod_revision(key, current.mod_revision)
+
+
 def withdraw_ipcache_entry(client: KVStoreClient, ip: str, lease: int | Lease) -> bool:
     """Delete the ipcache entry of ``ip`` if it is held under ``lease`` (an IP re-used by another
     node meanwhile is left alone).  True when deleted."""
@@ -271,10 +279,12 @@ def withdraw_ipcache_entry(client: KVStoreClient, ip: str, lease: int | Lease) -
         key = layout.ip_key(ip)
     except layout.KeyLayoutError as exc:
         raise StateError(str(exc)) from None
-    current = client.get(key)
-    if current is None or current.lease != _lease_id(lease):
-        return False
-    return client.delete_if_mod_revision(key, current.mod_revision)
+    return delete_if_ours(client, key, lease)
+
+
+def deregister_node(client: KVStoreClient, cluster: str, name: str, lease: int | Lease) -> bool:
+    """Remove this node's record on a clean shutdown (if it is still under ``lease``)."""
+    return delete_if_ours(client, layout.node_key(cluster, name), lease)
 
 
 def write_heartbeat(

@@ -18,6 +18,7 @@ from ansible_collections.clustermesh.core.plugins.module_utils.agent_kvstore imp
     IdentityAllocationError,
     IdentityAllocator,
     allocate_identity,
+    deregister_node,
     identity_index_key,
     lookup_identity,
     publish_ipcache_entry,
@@ -243,6 +244,33 @@ def test_node_and_ipcache_vanish_with_the_lease(client):
     assert client.get("cilium/state/nodes/v1/cluster1/c1-n1") is None
     assert len(client.get_prefix("cilium/state/ip/v1/")) == 0
     assert len(client.get_prefix(layout.IDENTITY_ID_PREFIX)) == 1
+
+
+def test_entries_expire_with_the_lease(client):
+    """The agent dies (no keepalive): its node and ipcache entries vanish when the TTL runs out."""
+    lease = client.lease_grant(2)
+    node = make_node_record("c1-n2", "cluster1", 1, [("InternalIP", "198.18.1.12")])
+    register_node(client, node, lease)
+    publish_ipcache_entry(client, make_ipcache_entry("10.1.1.5", C1_FIRST, "198.18.1.12"), lease)
+    write_heartbeat(client, lease)
+    deadline = time.monotonic() + 8
+    while client.get("cilium/state/nodes/v1/cluster1/c1-n2") is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.get("cilium/state/nodes/v1/cluster1/c1-n2") is None
+    assert client.get("cilium/state/ip/v1/default/10.1.1.5") is None
+    assert client.get("cilium/.heartbeat") is None
+
+
+def test_deregister_node_only_under_our_lease(client):
+    ours, other = client.lease_grant(30), client.lease_grant(30)
+    node = make_node_record("c1-n3", "cluster1", 1, [("InternalIP", "198.18.1.13")])
+    register_node(client, node, other)  # e.g. a newer agent instance took over
+    assert deregister_node(client, "cluster1", "c1-n3", ours) is False
+    assert client.get("cilium/state/nodes/v1/cluster1/c1-n3") is not None
+    assert deregister_node(client, "cluster1", "c1-n3", other) is True
+    assert client.get("cilium/state/nodes/v1/cluster1/c1-n3") is None
+    client.lease_revoke(ours)
+    client.lease_revoke(other)
 
 
 def test_same_value_under_a_new_lease_is_rewritten(client):
