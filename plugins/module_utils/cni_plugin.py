@@ -15,7 +15,7 @@ and, for CHECK and DEL, ``prevResult``)::
      "podCIDR": "10.1.0.0/24",            # required: the node's IPv4 pod CIDR (/16 to /30)
      "mtu": 1450,                         # required: MTU of both ends of the pod's veth (68..65535)
      "dataDir": "/var/lib/cni/networks",  # optional: IPAM state, <dataDir>/<name>/<ip>
-     "agentSocket": "/run/clustermesh/meshd.sock",   # optional: the node agent (not used yet)
+     "agentSocket": "/run/clustermesh/meshd.sock",   # optional: tell the node agent (notify_agent)
      "dns": {"nameservers": [...], ...}}  # optional, well-known: copied into the result
 
 Labels of the pod come from ``args.cni.labels`` (the CNI conventions' ``[{"key": k, "value": v}]``,
@@ -33,6 +33,7 @@ missing on the node, 105 an unexpected failure (a bug: the message names the exc
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -407,16 +408,38 @@ def attachment_from_result(prev_result, ifname, netns):
 
 
 # the node agent ------------------------------------------------------------------------------------
-def notify_agent(config, event, endpoint):
-    """Hook for the node agent ``meshd`` (issue 5): tell it that an endpoint was added (``event`` "add",
-    ``endpoint`` = the allocation record: ip, containerID, ifname, netns, hostInterface, mac, labels,
-    args) or removed ("del"). Not wired yet: the agent will listen on ``config.agent_socket``; until then
-    the agent finds endpoints in the IPAM state (``ipam.read_allocations``). Must never fail a CNI call."""
+AGENT_TIMEOUT = 1.0  # seconds the plugin waits for the agent before carrying on without it
+
+
+def notify_agent(config, event, endpoint, stderr=None):
+    """Tell the node agent ``meshd`` on ``config.agent_socket`` (``agentSocket``) that an endpoint was
+    added (``event`` "add": POST /v1/endpoints with the allocation record: containerID, ifname, ip,
+    labels, netns, hostInterface, mac, args) or removed ("del": DELETE /v1/endpoints/<container>/<ifname>).
+
+    The rule: a pod never fails because of the agent. An agent that is down, slow (more than
+    ``AGENT_TIMEOUT``) or refuses the endpoint gets a warning on stderr and the CNI call succeeds; the
+    agent reads the IPAM state (``ipam.read_allocations``) when it starts, so it learns of every pod
+    added or removed while it was away. Returns True when the agent took the change, False otherwise
+    (also when no ``agentSocket`` is configured)."""
     if not config.agent_socket:
         return False
-    # issue 5: connect to config.agent_socket and send {"event": event, "endpoint": endpoint}; log a
-    # failure to stderr and carry on (the agent also resyncs from the IPAM state).
-    return False
+    stderr = stderr if stderr is not None else sys.stderr
+    try:
+        from .agent_api import AgentClient
+
+        client = AgentClient(config.agent_socket, timeout=AGENT_TIMEOUT)
+        if event == "add":
+            client.add_endpoint(endpoint)
+        else:
+            client.delete_endpoint(endpoint["containerID"], endpoint["ifname"])
+        return True
+    except Exception as exc:  # never fail the pod: see the rule above
+        with contextlib.suppress(Exception):
+            stderr.write(
+                "clustermesh-cni: warning: could not tell the agent of %s %s/%s (%s); it will find the pod in the "
+                "IPAM state when it starts\n" % (event, endpoint.get("containerID"), endpoint.get("ifname"), exc)
+            )
+        return False
 
 
 # commands ------------------------------------------------------------------------------------------
@@ -486,7 +509,18 @@ def cmd_add(params, config):
             pn.teardown(params["container_id"], params["ifname"], params["netns"])
             raise _ipam_error(exc) from exc
         raise
-    notify_agent(config, "add", dict(record, ip=ip, hostInterface=made["host_ifname"], mac=made["pod_mac"]))
+    notify_agent(
+        config,
+        "add",
+        dict(
+            record,
+            containerID=params["container_id"],
+            ifname=params["ifname"],
+            ip=ip,
+            hostInterface=made["host_ifname"],
+            mac=made["pod_mac"],
+        ),
+    )
     interfaces = [
         {"name": made["host_ifname"], "mac": made["host_mac"]},
         {"name": params["ifname"], "mac": made["pod_mac"], "sandbox": params["netns"]},
@@ -508,10 +542,12 @@ def cmd_del(params, config):
         released = _ipam(config).release(params["container_id"], params["ifname"])
     except IpamError as exc:
         raise _ipam_error(exc) from exc
-    if released:
-        notify_agent(
-            config, "del", {"ip": released[0], "containerID": params["container_id"], "ifname": params["ifname"]}
-        )
+    # every DEL, also one that found no address here (a repeated DEL whose first notice the agent missed)
+    notify_agent(
+        config,
+        "del",
+        {"ip": released[0] if released else None, "containerID": params["container_id"], "ifname": params["ifname"]},
+    )
     return None
 
 
