@@ -6,6 +6,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -151,3 +153,26 @@ def test_agent_error_is_exit_3(agent):
 def test_usage_errors_are_exit_2(capsys):
     assert meshctl.main(["frobnicate"]) == 2
     assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
+
+
+def test_meshctl_runs_from_the_node_bundle(agent, tmp_path, monkeypatch):
+    # the entry point the node bundle will get (ENTRY_POINTS["meshctl"]): the zipapp's relative imports work
+    from ansible_collections.clustermesh.core.plugins.action import node_bundle
+
+    monkeypatch.setitem(node_bundle.ENTRY_POINTS, "meshctl", ("meshctl", "main"))
+    bundle = tmp_path / "meshctl"
+    bundle.write_bytes(node_bundle.build_bundle("meshctl", sys.executable))
+    bundle.chmod(0o755)
+    agent.api.registry.add({"containerID": "c1", "ifname": "eth0", "ip": "10.1.0.5", "labels": {"app": "web"}})
+    proc = subprocess.run(
+        [str(bundle), "--socket", agent.socket_path, "endpoints"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1].split() == ["c1", "eth0", "10.1.0.5", "app=web"]
+    proc = subprocess.run(
+        [str(bundle), "--socket", "/tmp/cm-no-such-dir/none.sock", "status"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1 and "none.sock: no such socket" in proc.stderr
