@@ -10,11 +10,12 @@ import shutil
 import socket
 import stat
 import tempfile
+import time
 import types
 
 import pytest
 
-from ansible_collections.clustermesh.core.plugins.module_utils import cni_plugin, ipam
+from ansible_collections.clustermesh.core.plugins.module_utils import agent_api, cni_plugin, ipam
 from ansible_collections.clustermesh.core.plugins.module_utils.agent_api import (
     AgentApi,
     AgentClient,
@@ -342,3 +343,16 @@ def test_no_agent_socket_means_no_notice(cni_config):
     stderr = io.StringIO()
     assert cni_plugin.notify_agent(config, "add", dict(EP), stderr) is False
     assert stderr.getvalue() == ""
+
+
+def test_a_silent_client_is_dropped_after_the_server_timeout(short_dir, monkeypatch):
+    monkeypatch.setattr(agent_api._Handler, "timeout", 0.2)
+    sock = os.path.join(short_dir, "meshd.sock")
+    with AgentServer(sock):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+            silent.settimeout(5)
+            silent.connect(sock)
+            started = time.monotonic()
+            assert silent.recv(100) == b""  # closed by the server, not by our 5 s timeout
+            assert time.monotonic() - started < 3
+        assert AgentClient(sock).status()["endpoints"] == 0  # still serving
