@@ -33,14 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import http.client
-import http.server
 import ipaddress
 import json
 import os
 import re
 import socket
-import socketserver
 import stat
 import threading
 import time
@@ -49,7 +46,7 @@ import urllib.parse
 DEFAULT_SOCKET = "/run/clustermesh/meshd.sock"
 SOCKET_MODE = 0o600
 DEFAULT_TIMEOUT = 2.0  # client: connect + answer, seconds
-SERVER_TIMEOUT = 10.0  # server: a client that sends nothing for this long is dropped
+SERVER_TIMEOUT = 10.0  # server: a client that sends nothing for this long is dropped (seconds)
 MAX_BODY = 64 * 1024
 API_PREFIX = "/v1"
 
@@ -346,73 +343,91 @@ def default_api(registry=None, status=None):
 
 
 # the server ------------------------------------------------------------------------------------------
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "meshd"
-    timeout = SERVER_TIMEOUT
+_SERVER_CLASSES = None
 
-    def _serve(self):
-        body = b""
-        if self.command in ("POST", "PUT", "PATCH"):
-            length = self.headers.get("Content-Length")
-            if length is None:
-                return self._reply(411, {"error": "Content-Length: missing (send the JSON body with its length)"})
-            try:
-                length = int(length)
-            except ValueError:
-                return self._reply(400, {"error": "Content-Length: %r is not a number" % length})
-            if length > MAX_BODY:
-                self.close_connection = True
-                return self._reply(413, {"error": "body: %d bytes, the limit is %d" % (length, MAX_BODY)})
-            body = self.rfile.read(length)
-        status, answer = self.server.api.dispatch(self.command, self.path, body)
-        return self._reply(status, answer)
 
-    do_GET = do_POST = do_DELETE = do_PUT = _serve
+def _server_classes():
+    """(handler class, server class), built on first use: http.server costs ~30 ms to import, which
+    clients (the CNI plugin on every pod ADD/DEL, meshctl) do not pay."""
+    global _SERVER_CLASSES
+    if _SERVER_CLASSES is not None:
+        return _SERVER_CLASSES
+    import http.server
+    import socketserver
 
-    def _reply(self, status, answer):
-        data = (json.dumps(answer, sort_keys=True) + "\n").encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "meshd"
+
+        def setup(self):
+            self.timeout = SERVER_TIMEOUT  # a client that sends nothing for this long is dropped
+            super().setup()
+
+        def _serve(self):
+            body = b""
+            if self.command in ("POST", "PUT", "PATCH"):
+                length = self.headers.get("Content-Length")
+                if length is None:
+                    self.close_connection = True
+                    return self._reply(411, {"error": "Content-Length: missing (send the JSON body with its length)"})
+                try:
+                    length = int(length)
+                except ValueError:
+                    self.close_connection = True
+                    return self._reply(400, {"error": "Content-Length: %r is not a number" % length})
+                if length > MAX_BODY:
+                    self.close_connection = True
+                    return self._reply(413, {"error": "body: %d bytes, the limit is %d" % (length, MAX_BODY)})
+                body = self.rfile.read(length)
+            status, answer = self.server.api.dispatch(self.command, self.path, body)
+            return self._reply(status, answer)
+
+        do_GET = do_POST = do_DELETE = do_PUT = _serve
+
+        def _reply(self, status, answer):
+            data = (json.dumps(answer, sort_keys=True) + "\n").encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
             self.wfile.write(data)
 
-    def address_string(self):
-        return "local"
+        def address_string(self):
+            return "local"
 
-    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
-        log = getattr(self.server, "log", None)
-        if log is not None:
-            log(format % args)
+        def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+            log = getattr(self.server, "log", None)
+            if log is not None:
+                log(format % args)
 
+    class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        """A threaded HTTP server on a unix socket, answering with an AgentApi."""
 
-class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """A threaded HTTP server on a unix socket, answering with an AgentApi."""
+        daemon_threads = True
 
-    daemon_threads = True
-
-    def __init__(self, socket_path, api, log=None):
-        self.api = api
-        self.log = log
-        self.socket_path = socket_path
-        super().__init__(socket_path, _Handler, bind_and_activate=False)
-        try:
-            old = os.umask(0o177)  # the socket file is born 0600, no window where others may connect
+        def __init__(self, socket_path, api, log=None):
+            self.api = api
+            self.log = log
+            self.socket_path = socket_path
+            super().__init__(socket_path, Handler, bind_and_activate=False)
             try:
-                self.server_bind()
-            finally:
-                os.umask(old)
-            os.chmod(socket_path, SOCKET_MODE)
-            self.server_activate()
-        except BaseException:
-            self.server_close()
-            raise
+                old = os.umask(0o177)  # the socket file is born 0600: no window where others may connect
+                try:
+                    self.server_bind()
+                finally:
+                    os.umask(old)
+                os.chmod(socket_path, SOCKET_MODE)
+                self.server_activate()
+            except BaseException:
+                self.server_close()
+                raise
 
-    def get_request(self):
-        conn, addr = super().get_request()
-        return conn, addr or "local"
+        def get_request(self):
+            conn, addr = super().get_request()
+            return conn, addr or "local"
+
+    _SERVER_CLASSES = (Handler, UnixHttpServer)
+    return _SERVER_CLASSES
 
 
 def _prepare_socket_path(path):
@@ -451,7 +466,7 @@ class AgentServer:
 
     def start(self):
         _prepare_socket_path(self.socket_path)
-        self._server = UnixHttpServer(self.socket_path, self.api, self.log)
+        self._server = _server_classes()[1](self.socket_path, self.api, self.log)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="agent-api", daemon=True
         )
@@ -476,41 +491,67 @@ class AgentServer:
 
 
 # the client ------------------------------------------------------------------------------------------
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, socket_path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = socket_path
-
-    def connect(self):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+MAX_ANSWER = 16 * 1024 * 1024
 
 
 class AgentClient:
-    """Talks to the agent on ``socket_path``. Every call raises AgentUnreachable (no agent, timeout) or
-    AgentRequestError (the agent refused: status and message)."""
+    """Talks to the agent on ``socket_path``: one connection per request (``Connection: close``), the
+    whole exchange within ``timeout`` seconds. Every call raises AgentUnreachable (no agent, timeout,
+    not an HTTP answer) or AgentRequestError (the agent refused: status and message). Plain sockets, no
+    http.client: the CNI plugin pays for this on every pod."""
 
     def __init__(self, socket_path=DEFAULT_SOCKET, timeout=DEFAULT_TIMEOUT):
         self.socket_path = socket_path
         self.timeout = timeout
 
+    def _exchange(self, method, path, data):
+        """(status, body bytes) of one request."""
+        head = "%s %s HTTP/1.1\r\nHost: meshd\r\nConnection: close\r\nAccept: application/json\r\n" % (method, path)
+        if data is not None:
+            head += "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(data)
+        deadline = time.monotonic() + self.timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+            sock.sendall(head.encode("ascii") + b"\r\n" + (data or b""))
+            chunks, size = [], 0
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_ANSWER:
+                    raise AgentUnreachable(self.socket_path, "the answer is larger than %d bytes" % MAX_ANSWER)
+        finally:
+            sock.close()
+        raw = b"".join(chunks)
+        header, sep, body = raw.partition(b"\r\n\r\n")
+        lines = header.split(b"\r\n")
+        status_line = lines[0].split(None, 2)
+        if not sep or len(status_line) < 2 or not status_line[0].startswith(b"HTTP/") or not status_line[1].isdigit():
+            raise AgentUnreachable(self.socket_path, "not an HTTP answer: %r" % raw[:80])
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length" and value.strip().isdigit():
+                length = int(value.strip())
+                if len(body) < length:
+                    raise AgentUnreachable(
+                        self.socket_path, "the answer was cut off (%d of %d bytes)" % (len(body), length)
+                    )
+                body = body[:length]
+        return int(status_line[1]), body
+
     def request(self, method, path, body=None):
         """The decoded JSON answer of one request."""
         data = None if body is None else json.dumps(body).encode("utf-8")
-        conn = _UnixConnection(self.socket_path, self.timeout)
         try:
-            headers = {"Accept": "application/json"}
-            if data is not None:
-                headers["Content-Type"] = "application/json"
-            conn.request(method, path, body=data, headers=headers)
-            response = conn.getresponse()
-            raw = response.read()
+            status, raw = self._exchange(method, path, data)
         except FileNotFoundError:
             raise AgentUnreachable(self.socket_path, "no such socket (is meshd running?)") from None
         except ConnectionRefusedError:
@@ -519,17 +560,15 @@ class AgentClient:
             raise AgentUnreachable(self.socket_path, "permission denied (the socket is root's: run as root)") from None
         except TimeoutError:
             raise AgentUnreachable(self.socket_path, "no answer within %gs" % self.timeout) from None
-        except (OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
             raise AgentUnreachable(self.socket_path, "%s: %s" % (type(exc).__name__, exc)) from None
-        finally:
-            conn.close()
         try:
             answer = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
-            raise AgentRequestError(response.status, "the answer is not JSON: %r" % raw[:200]) from None
-        if response.status >= 400:
+            raise AgentRequestError(status, "the answer is not JSON: %r" % raw[:200]) from None
+        if status >= 400:
             message = answer.get("error") if isinstance(answer, dict) else None
-            raise AgentRequestError(response.status, message or json.dumps(answer))
+            raise AgentRequestError(status, message or json.dumps(answer))
         return answer
 
     def add_endpoint(self, endpoint):

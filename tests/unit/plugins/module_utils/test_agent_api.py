@@ -10,6 +10,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 import time
 import types
 
@@ -346,7 +347,7 @@ def test_no_agent_socket_means_no_notice(cni_config):
 
 
 def test_a_silent_client_is_dropped_after_the_server_timeout(short_dir, monkeypatch):
-    monkeypatch.setattr(agent_api._Handler, "timeout", 0.2)
+    monkeypatch.setattr(agent_api, "SERVER_TIMEOUT", 0.2)
     sock = os.path.join(short_dir, "meshd.sock")
     with AgentServer(sock):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
@@ -356,3 +357,32 @@ def test_a_silent_client_is_dropped_after_the_server_timeout(short_dir, monkeypa
             assert silent.recv(100) == b""  # closed by the server, not by our 5 s timeout
             assert time.monotonic() - started < 3
         assert AgentClient(sock).status()["endpoints"] == 0  # still serving
+
+
+@pytest.mark.parametrize(
+    "answer, message",
+    [
+        (b"SSH-2.0-OpenSSH\r\n", "not an HTTP answer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{}", r"the answer was cut off \(2 of 50 bytes\)"),
+    ],
+)
+def test_a_stranger_on_the_socket_is_unreachable_not_a_crash(short_dir, answer, message):
+    sock = os.path.join(short_dir, "other.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock)
+    listener.listen(1)
+
+    def answer_once():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=answer_once, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(AgentUnreachable, match=message):
+            AgentClient(sock).status()
+    finally:
+        thread.join(timeout=5)
+        listener.close()
