@@ -187,12 +187,15 @@ class EndpointRegistry:
         an address belongs to one pod). Returns the stored endpoint."""
         endpoint = validate_endpoint(payload, self.pod_cidr)
         key = (endpoint["containerID"], endpoint["ifname"])
+        displaced = []
         with self._lock:
             for other, existing in list(self._endpoints.items()):
                 if other != key and existing["ip"] == endpoint["ip"]:
-                    del self._endpoints[other]
+                    displaced.append(self._endpoints.pop(other))
             self._endpoints[key] = endpoint
         if self.on_change:
+            for old in displaced:
+                self.on_change("del", old)
             self.on_change("add", endpoint)
         return endpoint
 

@@ -231,6 +231,7 @@ def test_registry_reloads_ipam_allocations(short_dir):
     # one address belongs to one pod: a new attachment with the same IP replaces the old one
     registry.add({"containerID": "c9", "ifname": "eth0", "ip": ip})
     assert [e["containerID"] for e in registry.list()] == ["c9"]
+    assert changes[1:] == [("del", "c1"), ("add", "c9")]
 
 
 # the CNI plugin with agentSocket ----------------------------------------------------------------------
