@@ -24,6 +24,7 @@ from ansible.plugins.action import ActionBase
 # entry point -> (library module, function); the function takes no arguments and returns the exit status
 ENTRY_POINTS = {
     "cni": ("cni_plugin", "main"),
+    "meshctl": ("meshctl", "main"),
 }
 PACKAGE = "clustermesh_lib"  # the name plugins/module_utils gets inside the bundle
 MODULE_UTILS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils")

@@ -32,10 +32,12 @@ options:
     type: path
     required: true
   entry_point:
-    description: What the bundle runs.
+    description:
+      - What the bundle runs. V(cni) is the CNI plugin C(clustermesh-cni); V(meshctl) the node agent's CLI
+        (C(plugins/module_utils/meshctl.py)).
     type: str
     required: true
-    choices: [cni]
+    choices: [cni, meshctl]
   interpreter:
     description:
       - The node's Python, written into the shebang line.
