@@ -180,19 +180,30 @@ class ClusterView:
             self.rejected.pop(key, None)
             return self._remove(key)
 
-    def reconcile(self, items: Iterable[tuple[str, bytes | str]]) -> int:
-        """Make the view equal a full listing of ``cilium/state/``; returns the number of changes."""
+    def reconcile(self, items: Iterable[tuple[str, bytes | str]], *, remove_missing: bool = True) -> set[str]:
+        """Make the view equal a full listing of ``cilium/state/``.
+
+        Returns the keys in the view that the listing lacks ("stale"); they are removed unless
+        ``remove_missing`` is False (the caller then removes them with :meth:`remove_stale` once
+        the cluster says it is synced, as Cilium does with synced canaries).
+        """
         with self.lock:
-            before = self.changes
             seen = set()
             for key, value in items:
                 seen.add(key)
                 self.put(key, value)
-            for key in [key for key in self._kind_of if key not in seen]:
-                self._remove(key)
+            stale = {key for key in self._kind_of if key not in seen}
+            if remove_missing:
+                for key in sorted(stale):
+                    self._remove(key)
             for key in [key for key in self.rejected if key not in seen]:
                 del self.rejected[key]
-            return self.changes - before
+            return stale
+
+    def remove_stale(self, keys: Iterable[str]) -> int:
+        """Remove ``keys`` (stale keys a listing lacked); returns how many were still in the view."""
+        with self.lock:
+            return sum(1 for key in sorted(keys) if self._remove(key))
 
     def clear(self) -> int:
         """Remove everything (the cluster was disconnected for good), with callbacks."""
@@ -260,6 +271,7 @@ class RemoteCluster:
         backoff_initial: float = 0.5,
         backoff_max: float = 10.0,
         probe_interval: float = 1.0,
+        id_claim: Callable[[str, int | None], str | None] | None = None,
     ):
         self.name = validate_cluster_name(name)
         self.config_path = config_path
@@ -286,6 +298,10 @@ class RemoteCluster:
         self._thread: threading.Thread | None = None
         self._watchers: list[Any] = []
         self._degraded = False
+        self._client: Any = None
+        # keys a fresh listing lacked, kept until the cluster's synced canaries are all present
+        self.pending_stale: set[str] = set()
+        self.id_claim = id_claim
 
     # -- control --------------------------------------------------------------------------
     def start(self) -> RemoteCluster:
@@ -303,8 +319,11 @@ class RemoteCluster:
             watcher.stop()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if self.id_claim is not None:
+            self.id_claim(self.name, None)
         if flush:
             self.view.clear()
+            self.pending_stale = set()
 
     @property
     def alive(self) -> bool:
@@ -318,7 +337,7 @@ class RemoteCluster:
                 return False
             if not self.cluster_config.synced_canaries:
                 return True
-            return all(prefix in self.canaries for prefix in SYNCED_STATE_PREFIXES)
+            return self._canaries_complete()
 
     def status(self) -> dict[str, Any]:
         with self.view.lock:
@@ -392,6 +411,13 @@ class RemoteCluster:
             local_cluster_id=self.local_cluster_id,
             max_connected=self.max_connected,
         )
+        if self.id_claim is not None:
+            conflict = self.id_claim(self.name, config.id)
+            if conflict:
+                raise RemoteClusterError(
+                    f"cluster {self.name}: ID {config.id} is already used by cluster {conflict}; "
+                    "cluster IDs must be unique in a mesh"
+                )
         return config
 
     def _connect_once(self) -> None:
@@ -399,6 +425,7 @@ class RemoteCluster:
 
         etcd_config = load_etcd_config(self.config_path, resolve_relative=True)
         client = self.client_factory(etcd_config)
+        self._client = client
         try:
             config = self._read_cluster_config(client)
             with self.view.lock:
@@ -461,44 +488,80 @@ class RemoteCluster:
             self._fatal = error
         self._wake.set()
 
+    def _canaries_complete(self) -> bool:
+        return all(prefix in self.canaries for prefix in SYNCED_STATE_PREFIXES)
+
     def _on_state_update(self, update) -> None:
-        from .kvstore_client import EVENT_PUT, UPDATE_EVENTS
+        from .kvstore_client import EVENT_PUT, UPDATE_EVENTS, UPDATE_INITIAL
 
         if update.kind == UPDATE_EVENTS:
-            for event in update.events:
-                if event.type == EVENT_PUT:
-                    self.view.put(event.key, event.value)
-                else:
-                    self.view.delete(event.key)
             with self.view.lock:
+                for event in update.events:
+                    if event.type == EVENT_PUT:
+                        self.view.put(event.key, event.value)
+                    else:
+                        self.view.delete(event.key)
+                    self.pending_stale.discard(event.key)
                 if self.listed and not self._degraded:
                     self.connected = True
             return
-        # initial or resync: the full listing is the truth
-        self.view.reconcile((kv.key, kv.value) for kv in update.snapshot)
+        # initial or resync: the full listing is the truth; what it lacks is removed at once, or,
+        # if the cluster writes synced canaries and they are not all there (its kvstore was
+        # emptied and is being filled again), once they are.  The canaries are read after the
+        # listing, so ones seen before it (maybe of the store's previous life) do not count.
+        config = self.cluster_config
+        canaries = None
+        if config is not None and config.synced_canaries:
+            canaries = self._read_canaries()
         with self.view.lock:
+            if canaries is not None:
+                self.canaries = canaries
+            wait = bool(config and config.synced_canaries) and not self._canaries_complete()
+            stale = self.view.reconcile(((kv.key, kv.value) for kv in update.snapshot), remove_missing=not wait)
+            self.pending_stale = stale if wait else set()
             self.listed = True
-            self.connected = True
-            self._degraded = False
             self.last_sync = time.time()
+            if update.kind == UPDATE_INITIAL:
+                self.connected = True
+                self._degraded = False
+            else:
+                # a re-list (compaction, or a store that was reset): check the cluster config again
+                self._degraded = True
+                self._wake.set()
+
+    def _read_canaries(self) -> set[str]:
+        try:
+            listing = self._client.get_prefix(synced_prefix(self.name))
+        except Exception as exc:  # noqa: BLE001 - counted as "not synced yet"
+            log.info("cluster %s: cannot read synced canaries: %s", self.name, exc)
+            return set()
+        return {p for p in (self._canary_prefix(kv.key) for kv in listing) if p}
+
+    def _canary_prefix(self, key: str) -> str | None:
+        try:
+            parsed = parse_synced_key(key)
+        except KeyLayoutError:
+            return None
+        return parsed.prefix if parsed.cluster == self.name else None
 
     def _on_synced_update(self, update) -> None:
         from .kvstore_client import EVENT_PUT, UPDATE_EVENTS
 
         with self.view.lock:
-            if update.kind != UPDATE_EVENTS:
-                self.canaries = set()
-            for event in update.events:
-                try:
-                    parsed = parse_synced_key(event.key)
-                except KeyLayoutError:
-                    continue
-                if parsed.cluster != self.name:
-                    continue
-                if event.type == EVENT_PUT:
-                    self.canaries.add(parsed.prefix)
-                else:
-                    self.canaries.discard(parsed.prefix)
+            if update.kind == UPDATE_EVENTS:
+                for event in update.events:
+                    prefix = self._canary_prefix(event.key)
+                    if prefix is None:
+                        continue
+                    if event.type == EVENT_PUT:
+                        self.canaries.add(prefix)
+                    else:
+                        self.canaries.discard(prefix)
+            else:  # a full listing
+                self.canaries = {p for p in (self._canary_prefix(kv.key) for kv in update.snapshot) if p}
+            if self.pending_stale and self._canaries_complete():
+                self.view.remove_stale(self.pending_stale)
+                self.pending_stale = set()
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,6 +632,8 @@ class ClusterSet:
         self.cluster_factory = cluster_factory or RemoteCluster
         self.cluster_options = cluster_options
         self.clusters: dict[str, RemoteCluster] = {}
+        self._claims: dict[str, int] = {}
+        self._claims_lock = threading.Lock()
         self._fingerprints: dict[str, tuple | None] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -630,6 +695,19 @@ class ClusterSet:
                 cluster.start()
         return result
 
+    def claim_id(self, name: str, cluster_id: int | None) -> str | None:
+        """Record that cluster ``name`` uses ``cluster_id`` (None: releases it); returns the
+        name of another cluster that already uses that ID (nothing recorded then)."""
+        with self._claims_lock:
+            if cluster_id is None:
+                self._claims.pop(name, None)
+                return None
+            for other, used in self._claims.items():
+                if other != name and used == cluster_id:
+                    return other
+            self._claims[name] = cluster_id
+            return None
+
     def _make(self, name: str, path: str) -> RemoteCluster:
         return self.cluster_factory(
             name,
@@ -637,6 +715,7 @@ class ClusterSet:
             self.on_change,
             local_cluster_id=self.local_cluster_id,
             max_connected=self.max_connected,
+            id_claim=self.claim_id,
             **self.cluster_options,
         )
 

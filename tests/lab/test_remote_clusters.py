@@ -8,6 +8,7 @@ and a compaction."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -176,6 +177,8 @@ def test_view_equals_the_store_after_restart_partition_and_compaction(etcd, clie
     keys = [layout.ip_key(f"10.2.1.{i}") for i in range(10)]
     for i, key in enumerate(keys[:5]):
         client.put(key, entry(f"10.2.1.{i}"))
+    for prefix in layout.SYNCED_STATE_PREFIXES:
+        client.put(layout.synced_key("cluster2", prefix), layout.encode_timestamp())
     remote = RemoteCluster("cluster2", str(path), mirror, local_cluster_id=1, backoff_initial=0.1, backoff_max=0.5)
     remote.start()
     try:
@@ -209,3 +212,37 @@ def test_view_equals_the_store_after_restart_partition_and_compaction(etcd, clie
         remote.stop(flush=False)
         proxy.stop()
     assert not remote.alive
+
+
+def test_a_remote_kvstore_that_lost_its_data_keeps_entries_until_its_canaries_return(etcd, client, tmp_path):
+    """Cilium's synced canaries: after the remote etcd comes back empty, entries not (yet) written
+    again stay until the remote cluster writes its canaries; then the stale ones go."""
+    path = tmp_path / "cluster2"
+    write_config(path, etcd)
+    mirror = Mirror()
+    keep, lost = layout.ip_key("10.2.3.1"), layout.ip_key("10.2.3.2")
+    client.put(keep, entry("10.2.3.1"))
+    client.put(lost, entry("10.2.3.2"))
+    for prefix in layout.SYNCED_STATE_PREFIXES:
+        client.put(layout.synced_key("cluster2", prefix), layout.encode_timestamp())
+    remote = RemoteCluster("cluster2", str(path), mirror, backoff_initial=0.1, backoff_max=0.5)
+    remote.start()
+    try:
+        wait_for(lambda: remote.synced and len(mirror.of("cluster2")) == 2, what="initial sync")
+        etcd.stop()
+        shutil.rmtree(etcd.data_dir)
+        etcd.start()  # a new, empty etcd cluster on the same address
+        wait_for(lambda: "does not exist" in (remote.status()["last_error"] or ""), what="cluster config missing")
+        assert not remote.status()["connected"]
+        # the remote cluster fills its kvstore again, one entry at a time
+        client.put(layout.cluster_config_key("cluster2"), layout.encode_cluster_config(layout.ClusterConfig(id=2)))
+        client.put(keep, entry("10.2.3.1", host="198.18.2.50"))
+        wait_for(lambda: mirror.of("cluster2")[(KIND_IPCACHE, keep)].host_ip == "198.18.2.50", what="refill")
+        assert (KIND_IPCACHE, lost) in mirror.of("cluster2")  # not removed while not synced
+        assert not remote.synced and remote.pending_stale == {lost}
+        for prefix in layout.SYNCED_STATE_PREFIXES:
+            client.put(layout.synced_key("cluster2", prefix), layout.encode_timestamp())
+        wait_for(lambda: (KIND_IPCACHE, lost) not in mirror.of("cluster2"), what="stale removal")
+        assert remote.synced and mirror.of("cluster2") == truth(client)
+    finally:
+        remote.stop()

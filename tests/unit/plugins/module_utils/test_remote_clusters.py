@@ -172,16 +172,27 @@ def test_reconcile_with_a_full_listing_removes_what_is_gone(view):
     view.put(layout.ip_key("10.2.0.6"), ip_value("10.2.0.6"))
     view.put(layout.ip_key("10.2.0.7"), b"bad")
     view.rec.take()
-    changes = view.reconcile(
+    stale = view.reconcile(
         [(NODE_KEY, node_value()), (IP_KEY, ip_value(host="198.18.2.99")), (SVC_KEY, service_value())]
     )
+    assert stale == {layout.ip_key("10.2.0.6")}
     calls = {(c[1], c[2]): (c[3], c[4]) for c in view.rec.take()}
-    assert changes == 3 == len(calls)
+    assert len(calls) == 3
     assert calls[(KIND_IPCACHE, layout.ip_key("10.2.0.6"))][1] is None
     assert calls[(KIND_IPCACHE, IP_KEY)][1].host_ip == "198.18.2.99"
     assert calls[(KIND_SERVICE, SVC_KEY)][0] is None
     assert view.rejected == {}  # the bad key is gone too
     assert set(view.snapshot()[KIND_IPCACHE]) == {IP_KEY}
+
+
+def test_reconcile_can_keep_stale_keys_for_later(view):
+    view.put(IP_KEY, ip_value())
+    view.put(NODE_KEY, node_value())
+    view.rec.take()
+    assert view.reconcile([(NODE_KEY, node_value())], remove_missing=False) == {IP_KEY}
+    assert view.rec.take() == [] and view.counts()[KIND_IPCACHE] == 1
+    assert view.remove_stale({IP_KEY, "cilium/state/ip/v1/default/10.9.9.9"}) == 1
+    assert [(c[2], c[4]) for c in view.rec.take()] == [(IP_KEY, None)]
 
 
 def test_clear_removes_everything_with_callbacks(view):
@@ -253,6 +264,9 @@ class FakeClient:
         value = self.store.get(key)
         return None if value is None else SimpleNamespace(key=key, value=value)
 
+    def get_prefix(self, prefix):
+        return kvs(*((k, v) for k, v in sorted(self.store.items()) if k.startswith(prefix)))
+
     def watch_prefix(self, prefix, **kwargs):
         self.watchers[prefix] = FakeWatcher(prefix)
         return self.watchers[prefix]
@@ -305,9 +319,9 @@ def test_remote_cluster_lists_watches_tracks_canaries_and_reconnects(cluster_fil
         assert remote.status()["connected"] and remote.status()["cluster_id"] == 2
         assert not remote.synced  # the cluster announces canaries; none seen yet
         canaries = [layout.synced_key("cluster2", p) for p in layout.SYNCED_STATE_PREFIXES]
-        synced.callback(
-            WatchUpdate(UPDATE_INITIAL, 10, tuple(WatchEvent(EVENT_PUT, k, b"t", 10) for k in canaries), ())
-        )
+        synced.callback(WatchUpdate(UPDATE_INITIAL, 10, (), kvs(*((k, b"t") for k in canaries[:3]))))
+        assert not remote.synced
+        synced.callback(WatchUpdate(UPDATE_EVENTS, 11, (WatchEvent(EVENT_PUT, canaries[3], b"t", 11),)))
         assert remote.synced
         state.callback(WatchUpdate(UPDATE_EVENTS, 11, (WatchEvent(EVENT_DELETE, NODE_KEY, b"", 11),)))
         assert remote.view.counts()[KIND_NODE] == 0
@@ -323,8 +337,14 @@ def test_remote_cluster_lists_watches_tracks_canaries_and_reconnects(cluster_fil
         remote.rec.take()
         new_state = clients[1].watchers[layout.STATE_PREFIX]
         new_state.callback(WatchUpdate(UPDATE_RESYNC, 20, (), kvs((SVC_KEY, service_value()))))
-        calls = {(c[1], c[2]): c[4] for c in remote.rec.take()}
-        assert calls[(KIND_IPCACHE, IP_KEY)] is None and calls[(KIND_SERVICE, SVC_KEY)] is not None
+        # the new listing lacks the ipcache entry, but the cluster's canaries are not seen yet on
+        # this connection (its kvstore may be filling up again): removal waits for them
+        assert [(c[1], c[2]) for c in remote.rec.take()] == [(KIND_SERVICE, SVC_KEY)]
+        assert remote.pending_stale == {IP_KEY} and not remote.synced
+        new_synced = clients[1].watchers[layout.synced_prefix("cluster2")]
+        new_synced.callback(WatchUpdate(UPDATE_INITIAL, 20, (), kvs(*((k, b"t") for k in canaries))))
+        assert [(c[1], c[2], c[4]) for c in remote.rec.take()] == [(KIND_IPCACHE, IP_KEY, None)]
+        assert remote.synced and remote.pending_stale == set()
         assert remote.status()["connects"] == 2
     finally:
         remote.stop(flush=True)
@@ -345,6 +365,23 @@ def test_remote_cluster_refuses_a_wrong_cluster_id_and_keeps_retrying(cluster_fi
         wait_for(lambda: any(c.watchers for c in clients))
     finally:
         remote.stop()
+
+
+def test_remote_cluster_refuses_an_id_another_remote_cluster_uses(cluster_file, tmp_path):
+    cs = ClusterSet(str(tmp_path))
+    assert cs.claim_id("cluster3", 2) is None
+    store = {layout.cluster_config_key("cluster2"): layout.encode_cluster_config(layout.ClusterConfig(id=2))}
+    clients = []
+    remote = make_remote(cluster_file, store, clients, id_claim=cs.claim_id).start()
+    try:
+        wait_for(lambda: remote.status()["last_error"])
+        assert "ID 2 is already used by cluster cluster3" in remote.status()["last_error"]
+        cs.claim_id("cluster3", None)  # cluster3 disconnected: the ID is free
+        wait_for(lambda: any(c.watchers for c in clients))
+        assert cs.claim_id("cluster4", 2) == "cluster2"
+    finally:
+        remote.stop()
+    assert cs.claim_id("cluster4", 2) is None  # released by stop()
 
 
 def test_remote_cluster_without_cluster_config_says_so(cluster_file):
