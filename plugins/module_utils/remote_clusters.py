@@ -317,6 +317,9 @@ class RemoteCluster:
         self._wake.set()
         for watcher in list(self._watchers):
             watcher.stop()
+        client = self._client
+        if client is not None:
+            client.close()  # ends a call in flight (e.g. to an endpoint that does not answer)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         if self.id_claim is not None:

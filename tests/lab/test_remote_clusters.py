@@ -27,7 +27,13 @@ from ansible_collections.clustermesh.core.plugins.module_utils.mesh_state import
     make_node_record,
 )
 from ansible_collections.clustermesh.core.plugins.module_utils.remote_clusters import ClusterSet, RemoteCluster
-from ansible_collections.clustermesh.core.tests.etcd_fixture import EtcdServer, TCPProxy, TestPKI, etcd_available
+from ansible_collections.clustermesh.core.tests.etcd_fixture import (
+    EtcdServer,
+    SilentListener,
+    TCPProxy,
+    TestPKI,
+    etcd_available,
+)
 
 pytestmark = [
     pytest.mark.etcd,
@@ -246,3 +252,20 @@ def test_a_remote_kvstore_that_lost_its_data_keeps_entries_until_its_canaries_re
         assert remote.synced and mirror.of("cluster2") == truth(client)
     finally:
         remote.stop()
+
+
+def test_stop_is_prompt_while_the_remote_endpoint_hangs(tmp_path, etcd):
+    silent = SilentListener()
+    path = tmp_path / "cluster2"
+    write_config(path, etcd, endpoint=silent.endpoint)
+    remote = RemoteCluster("cluster2", str(path), Mirror()).start()
+    try:
+        time.sleep(0.5)  # in the TLS handshake that never completes
+        assert not remote.status()["connected"]
+        started = time.monotonic()
+        remote.stop()
+        assert time.monotonic() - started < 2.0
+        assert not remote.alive
+    finally:
+        remote.stop()
+        silent.close()
