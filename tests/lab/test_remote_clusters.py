@@ -15,6 +15,7 @@ import time
 import pytest
 
 from ansible_collections.clustermesh.core.plugins.module_utils import kvstore_layout as layout
+from ansible_collections.clustermesh.core.plugins.module_utils.control_plane import remote_read_keys, remote_user
 from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_client import KVStoreClient
 from ansible_collections.clustermesh.core.plugins.module_utils.mesh_state import (
     KIND_IPCACHE,
@@ -269,3 +270,44 @@ def test_stop_is_prompt_while_the_remote_endpoint_hangs(tmp_path, etcd):
     finally:
         remote.stop()
         silent.close()
+
+
+def test_works_with_exactly_the_remote_users_read_permissions(tmp_path):
+    """The remote user may read only what control_plane.remote_read_keys grants (cluster-config is
+    one key, not a prefix); with the synced canaries not granted, the denial is reported."""
+    server = EtcdServer(tmp_path / "etcd", TestPKI(tmp_path / "pki"), name="cmv-rbac")
+    server.start()
+    try:
+        grants = [("read", key, is_prefix) for key, is_prefix in remote_read_keys("cluster2")]
+        no_synced = [g for g in grants if not g[1].startswith("cilium/synced/")]
+        server.enable_auth({remote_user("cluster1"): grants, "remote-nosynced": no_synced})
+        ip = layout.ip_key("10.2.4.1")
+        server.etcdctl("put", layout.cluster_config_key("cluster2"), '{"id":2,"capabilities":{"syncedCanaries":true}}')
+        server.etcdctl("put", ip, entry("10.2.4.1").decode())
+        for prefix in layout.SYNCED_STATE_PREFIXES:
+            server.etcdctl("put", layout.synced_key("cluster2", prefix), layout.encode_timestamp().decode())
+
+        def config_for(user):
+            pair = server.pki.client(user)
+            path = tmp_path / user / "cluster2"
+            path.parent.mkdir()
+            path.write_text(
+                f"endpoints: [{server.endpoint}]\ntrusted-ca-file: {server.pki.ca_cert}\n"
+                f"cert-file: {pair.cert}\nkey-file: {pair.key}\n"
+            )
+            return str(path)
+
+        mirror = Mirror()
+        remote = RemoteCluster("cluster2", config_for(remote_user("cluster1")), mirror).start()
+        denied = RemoteCluster("cluster2", config_for("remote-nosynced"), None, backoff_initial=0.1).start()
+        try:
+            wait_for(lambda: remote.synced and (KIND_IPCACHE, ip) in mirror.of("cluster2"), what="sync as remote user")
+            assert remote.status()["last_error"] is None
+            wait_for(lambda: "denied" in (denied.status()["last_error"] or ""), what="denial reported")
+            assert "cilium/synced/cluster2/" in denied.status()["last_error"]
+            assert not denied.status()["connected"]
+        finally:
+            remote.stop()
+            denied.stop()
+    finally:
+        server.stop()
