@@ -447,8 +447,9 @@ class RemoteCluster:
             self._watchers = [state, synced]
             if self._stop.is_set():
                 return
-            state.start_thread(self._on_state_update, on_exit=self._on_watch_exit)
-            synced.start_thread(self._on_synced_update, on_exit=self._on_watch_exit)
+            generation = self.connects  # updates of an older connection still in flight are dropped
+            state.start_thread(lambda update: self._on_state_update(update, generation), on_exit=self._on_watch_exit)
+            synced.start_thread(lambda update: self._on_synced_update(update, generation), on_exit=self._on_watch_exit)
             self._supervise(client, config)
         finally:
             for watcher in self._watchers:
@@ -494,11 +495,16 @@ class RemoteCluster:
     def _canaries_complete(self) -> bool:
         return all(prefix in self.canaries for prefix in SYNCED_STATE_PREFIXES)
 
-    def _on_state_update(self, update) -> None:
+    def _current(self, generation: int | None) -> bool:
+        return not self._stop.is_set() and (generation is None or generation == self.connects)
+
+    def _on_state_update(self, update, generation: int | None = None) -> None:
         from .kvstore_client import EVENT_PUT, UPDATE_EVENTS, UPDATE_INITIAL
 
         if update.kind == UPDATE_EVENTS:
             with self.view.lock:
+                if not self._current(generation):
+                    return
                 for event in update.events:
                     if event.type == EVENT_PUT:
                         self.view.put(event.key, event.value)
@@ -517,6 +523,8 @@ class RemoteCluster:
         if config is not None and config.synced_canaries:
             canaries = self._read_canaries()
         with self.view.lock:
+            if not self._current(generation):
+                return
             if canaries is not None:
                 self.canaries = canaries
             wait = bool(config and config.synced_canaries) and not self._canaries_complete()
@@ -547,10 +555,12 @@ class RemoteCluster:
             return None
         return parsed.prefix if parsed.cluster == self.name else None
 
-    def _on_synced_update(self, update) -> None:
+    def _on_synced_update(self, update, generation: int | None = None) -> None:
         from .kvstore_client import EVENT_PUT, UPDATE_EVENTS
 
         with self.view.lock:
+            if not self._current(generation):
+                return
             if update.kind == UPDATE_EVENTS:
                 for event in update.events:
                     prefix = self._canary_prefix(event.key)

@@ -345,6 +345,9 @@ def test_remote_cluster_lists_watches_tracks_canaries_and_reconnects(cluster_fil
         new_synced.callback(WatchUpdate(UPDATE_INITIAL, 20, (), kvs(*((k, b"t") for k in canaries))))
         assert [(c[1], c[2], c[4]) for c in remote.rec.take()] == [(KIND_IPCACHE, IP_KEY, None)]
         assert remote.synced and remote.pending_stale == set()
+        # an update of the first connection still in flight is dropped
+        state.callback(WatchUpdate(UPDATE_EVENTS, 12, (WatchEvent(EVENT_PUT, NODE_KEY, node_value(), 12),)))
+        assert remote.rec.take() == [] and remote.view.counts()[KIND_NODE] == 0
         assert remote.status()["connects"] == 2
     finally:
         remote.stop(flush=True)
