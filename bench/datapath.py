@@ -6,9 +6,14 @@ Every round measures every path below, one after the other (order reversed every
 with iperf3 1 stream, iperf3 4 streams and tcp_rr (a TCP request/response loop, 1-byte messages):
 
 same_node       two pods on one node (the reference for pod plumbing)
-plain           iperf3 between the underlay addresses of two lab hosts left as tools/lab made them
-                (one segment: the lab's bridge; no pod, no device, route or table of ours): the
-                physical reference
+plain_pods      pods made by the same CNI (role cni + tools/lab pod add) on two nodes that routing never
+                touched: the routes between their pod CIDRs are plain kernel routes added by hand
+                (``ip route add <peer pod cidr> via <peer node ip>``, no protocol tag, no device or
+                nftables table of ours) and ip_forward=1: the physical reference for pod-to-pod paths
+plain_hosts     iperf3 between the underlay addresses of two lab hosts left as tools/lab made them
+                (one segment: the lab's bridge; no pod, no device, route or table of ours): host to
+                host, two veths and no forwarding hop (a pod-to-pod packet crosses four veths and is
+                forwarded by both nodes)
 direct          pods on two nodes of one cluster, routing mode direct
 direct_nomasq   the same with routing_masquerade off (no nftables NAT table, so no conntrack)
 tunnel          pods on two nodes, routing mode tunnel (classic VXLAN: FDB + neighbour + onlink routes)
@@ -16,7 +21,7 @@ collect_md      pods on two nodes over a collect-metadata VXLAN device fed by a 
                 (bench/bpf/vxlan_md.c: a benchmark fixture, not the product's datapath)
 hybrid_onlink   pods of two clusters, routing mode hybrid, peer on the same segment (routed directly)
 hybrid_routed   pods of two clusters, routing mode hybrid, peer behind the lab router (tunnelled)
-plain_routed    the same between two such hosts on different segments (through the lab router, like
+plain_routed    host to host like plain_hosts, on different segments (through the lab router, like
                 hybrid_routed)
 
 What is measured is what the collection ships: each node's routing is set up by
@@ -26,7 +31,9 @@ plugin clustermesh-cni is installed by role ``cni`` (one ansible-playbook run), 
 own lab hosts, set up once before the first round. Ratios are per round (both values from the same
 round); their median is reported. Every path is CPU-bound on this shared 2-CPU VM, so before each
 sample a quiet gate waits (bounded) until other work leaves the CPUs nearly idle. Targets: direct >=
-0.97 x plain and tunnel >= 0.85 x direct (iperf3 throughput, 1 and 4 streams).
+0.97 x plain_pods and tunnel >= 0.85 x direct (iperf3 throughput, 1 and 4 streams); direct/plain_hosts
+is reported beside them. After the last round every pod node's conntrack table
+(/proc/net/nf_conntrack) is read: extra.conntrack says how many pod-to-pod flows were tracked.
 
 Prints the load average and a table, writes bench/results/datapath.json (``--quick``: one short
 round, written to build/bench-datapath/datapath-quick.json unless ``--output`` is given).
@@ -80,11 +87,18 @@ class Node:
     pod_cidr: str | None  # this node's /24 (None: a host without pods)
 
 
+# Group modes besides the product's routing modes
+COLLECT_MD = "collect_md"  # the BPF fixture
+KERNEL = "kernel"  # plain kernel routes added by hand, nothing of ours but the CNI's pods
+NONE = "none"  # hosts left as tools/lab made them
+
+
 @dataclass(frozen=True)
 class Group:
     """Nodes configured together. ``mode``: a routing mode of the product; ``collect_md`` (the fixture:
-    its nodes run reconcile with no peers, for the same masquerade table as the others); ``none`` (hosts
-    left as tools/lab made them: the physical reference)."""
+    its nodes run reconcile with no peers, for the same masquerade table as the others); ``kernel``
+    (no reconcile: CNI pods and hand-made kernel routes, the physical reference for pod paths); ``none``
+    (hosts left as tools/lab made them: the host-to-host reference)."""
 
     name: str
     mode: str
@@ -94,7 +108,7 @@ class Group:
 
     @property
     def routing_mode(self) -> str:
-        return "tunnel" if self.mode == "collect_md" else self.mode
+        return "tunnel" if self.mode == COLLECT_MD else self.mode
 
 
 CLUSTERS = {"cluster1": {"id": 1, "pod_cidr": MESH_POD_CIDRS[0]}, "cluster2": {"id": 2, "pod_cidr": MESH_POD_CIDRS[1]}}
@@ -113,6 +127,8 @@ NODES = {
         Node("h1", "cluster1", "dc1", "198.18.1.19", "10.1.9.0/24"),
         Node("h2", "cluster2", "dc1", "198.18.1.20", "10.2.1.0/24"),
         Node("h3", "cluster2", "dc2", "198.18.2.11", "10.2.2.0/24"),
+        Node("k1", "cluster1", "dc1", "198.18.1.23", "10.1.10.0/24"),
+        Node("k2", "cluster1", "dc1", "198.18.1.24", "10.1.11.0/24"),
         Node("p1", None, "dc1", "198.18.1.21", None),
         Node("p2", None, "dc1", "198.18.1.22", None),
         Node("p3", None, "dc2", "198.18.2.12", None),
@@ -122,10 +138,24 @@ GROUPS = (
     Group("direct", "direct", ("d1", "d2"), {"d1": ("pa", "pb"), "d2": ("pa",)}),
     Group("direct_nomasq", "direct", ("n1", "n2"), {"n1": ("pa",), "n2": ("pa",)}, masquerade=False),
     Group("tunnel", "tunnel", ("t1", "t2"), {"t1": ("pa",), "t2": ("pa",)}),
-    Group("collect_md", "collect_md", ("m1", "m2"), {"m1": ("pa",), "m2": ("pa",)}),
+    Group("collect_md", COLLECT_MD, ("m1", "m2"), {"m1": ("pa",), "m2": ("pa",)}),
     Group("hybrid", "hybrid", ("h1", "h2", "h3"), {"h1": ("pa",), "h2": ("pa",), "h3": ("pa",)}),
-    Group("plain", "none", ("p1", "p2", "p3"), {}, masquerade=False),
+    Group("plain_pods", KERNEL, ("k1", "k2"), {"k1": ("pa",), "k2": ("pa",)}, masquerade=False),
+    Group("plain_hosts", NONE, ("p1", "p2", "p3"), {}, masquerade=False),
 )
+
+
+def kernel_routes(group: Group, node: str) -> list[tuple[str, str]]:
+    """(peer pod CIDR, peer node IP) for each other node of a ``kernel`` group: the plain routes added by
+    hand, as an administrator would without us."""
+    return [(NODES[p].pod_cidr, NODES[p].ip) for p in group.nodes if p != node]
+
+
+def kernel_routing_script(group: Group, node: str) -> str:
+    """The shell commands that give a ``kernel`` node its routes (no protocol tag) and ip_forward."""
+    lines = ["sysctl -qw net.ipv4.ip_forward=1"]
+    lines += ["ip route add %s via %s" % route for route in kernel_routes(group, node)]
+    return "\n".join(lines)
 
 
 def topology() -> dict:
@@ -147,8 +177,8 @@ def node_input(node: str) -> dict:
 
 def peers_of(group: Group, node: str) -> list[dict]:
     """Routing peers of ``node``: the other nodes of its group (routing_plan's PEERS shape); none for the
-    collect-md fixture, whose tunnel is the BPF program's."""
-    if group.mode == "collect_md":
+    collect-md fixture, whose tunnel is the BPF program's, and for groups that reconcile never runs on."""
+    if group.mode in (COLLECT_MD, KERNEL, NONE):
         return []
     return [
         {"name": p, "cluster": NODES[p].cluster, "ip": NODES[p].ip, "pod_cidrs": [NODES[p].pod_cidr]}
@@ -173,7 +203,8 @@ class Path:
 
 PATHS = (
     Path("same_node", ("d1", "pa"), ("d1", "pb"), "two pods on one node (veth, host routing)", "*"),
-    Path("plain", ("p1", None), ("p2", None), "underlay host to host on one segment, nothing of ours", "eth0"),
+    Path("plain_pods", ("k1", "pa"), ("k2", "pa"), "pods on two nodes, CNI pods + plain kernel routes", "eth0"),
+    Path("plain_hosts", ("p1", None), ("p2", None), "underlay host to host on one segment, nothing of ours", "eth0"),
     Path("direct", ("d1", "pa"), ("d2", "pa"), "pods on two nodes, mode direct", "eth0"),
     Path("direct_nomasq", ("n1", "pa"), ("n2", "pa"), "pods on two nodes, mode direct, masquerade off", "eth0"),
     Path("tunnel", ("t1", "pa"), ("t2", "pa"), "pods on two nodes, mode tunnel (classic FDB VXLAN)", "cm_vxlan"),
@@ -195,19 +226,22 @@ METRICS = {
 RATIO_METRICS = ("gbps_1", "gbps_4", "rr_tps", "rr_p50_us")
 # ratio name -> (numerator path, denominator path)
 COMPARISONS = {
-    "direct_over_plain": ("direct", "plain"),
+    "direct_over_plain_pods": ("direct", "plain_pods"),
+    "direct_over_plain_hosts": ("direct", "plain_hosts"),
     "tunnel_over_direct": ("tunnel", "direct"),
     "collect_md_over_tunnel": ("collect_md", "tunnel"),
     "direct_over_same_node": ("direct", "same_node"),
     "direct_over_direct_nomasq": ("direct", "direct_nomasq"),
-    "direct_nomasq_over_plain": ("direct_nomasq", "plain"),
+    "direct_nomasq_over_plain_pods": ("direct_nomasq", "plain_pods"),
+    "direct_nomasq_over_plain_hosts": ("direct_nomasq", "plain_hosts"),
+    "plain_pods_over_plain_hosts": ("plain_pods", "plain_hosts"),
     "hybrid_onlink_over_direct": ("hybrid_onlink", "direct"),
     "hybrid_routed_over_tunnel": ("hybrid_routed", "tunnel"),
     "hybrid_routed_over_plain_routed": ("hybrid_routed", "plain_routed"),
 }
 TARGETS = {
-    "direct >= 0.97 x plain, 1 stream": ("ratios.direct_over_plain.gbps_1", ">=", 0.97),
-    "direct >= 0.97 x plain, 4 streams": ("ratios.direct_over_plain.gbps_4", ">=", 0.97),
+    "direct >= 0.97 x plain_pods, 1 stream": ("ratios.direct_over_plain_pods.gbps_1", ">=", 0.97),
+    "direct >= 0.97 x plain_pods, 4 streams": ("ratios.direct_over_plain_pods.gbps_4", ">=", 0.97),
     "tunnel >= 0.85 x direct, 1 stream": ("ratios.tunnel_over_direct.gbps_1", ">=", 0.85),
     "tunnel >= 0.85 x direct, 4 streams": ("ratios.tunnel_over_direct.gbps_4", ">=", 0.85),
 }
@@ -452,6 +486,45 @@ def reconcile_routing(group: Group, node: str) -> dict:
     return result
 
 
+def kernel_routing(group: Group, node: str) -> dict:
+    """A ``kernel`` node: ip_forward and plain routes to the peers' pod CIDRs, by hand; checks that
+    nothing else is there (no nftables ruleset, no route of ours). Returns what reconcile_routing
+    returns that the setup uses, plus the node's routes and ruleset as seen."""
+    sh(node, kernel_routing_script(group, node), "plain kernel routes")
+    routes = run(host_argv(node, "ip", "route", "show"), "ip route on %s" % node)
+    ruleset = run(host_argv(node, "nft", "list", "ruleset"), "nft list ruleset on %s" % node)
+    if ruleset.strip() or "proto 203" in routes:
+        raise RuntimeError("plain node %s is not plain: ruleset %r, routes %r" % (node, ruleset, routes))
+    return {
+        "changed": True,
+        "changes": kernel_routing_script(group, node).splitlines(),
+        "peer_modes": {p: KERNEL for p in group.nodes if p != node},
+        "pod_mtu": UNDERLAY_MTU,
+        "routes": routes.strip().splitlines(),
+        "nft_ruleset": ruleset,
+    }
+
+
+def parse_conntrack(text: str, cidrs) -> dict:
+    """Counts of /proc/net/nf_conntrack entries: all of them, and those whose original direction goes
+    from one of ``cidrs`` to one of ``cidrs`` (pod-to-pod flows that conntrack tracked)."""
+    nets = [ipaddress.ip_network(c) for c in cidrs]
+
+    def inside(address):
+        return any(ipaddress.ip_address(address) in n for n in nets)
+
+    total = pod_to_pod = 0
+    for line in text.splitlines():
+        words = line.split()
+        src = next((w[4:] for w in words if w.startswith("src=")), None)  # the original direction's
+        dst = next((w[4:] for w in words if w.startswith("dst=")), None)
+        if src is None or dst is None:
+            continue
+        total += 1
+        pod_to_pod += inside(src) and inside(dst)
+    return {"entries": total, "pod_to_pod": pod_to_pod}
+
+
 CNI_PLAYBOOK = """
 - name: CNI plugin on the benchmark's nodes (role cni, as tests/lab/test_cni.py installs it)
   hosts: "{{ bench_cni_nodes }}"
@@ -654,12 +727,15 @@ class Bench:
         benchlib.lab_down(PREFIX, check=False)
         log("tools/lab up --prefix %s (%d hosts)" % (PREFIX, len(NODES)))
         benchlib.lab_up(PREFIX, topology=topo)
-        groups = [g for g in groups_for(self.paths) if g.mode != "none"]
+        groups = [g for g in groups_for(self.paths) if g.mode != NONE]
         mtus = {}
         for group in groups:
             info = {"mode": group.mode, "masquerade": group.masquerade, "routing": {}, "pods": {}}
             for node in group.nodes:
-                info["routing"][node] = reconcile_routing(group, node)
+                if group.mode == KERNEL:
+                    info["routing"][node] = kernel_routing(group, node)
+                else:
+                    info["routing"][node] = reconcile_routing(group, node)
                 mtus[node] = info["routing"][node]["pod_mtu"]
             self.setup_info[group.name] = info
         if mtus:
@@ -783,6 +859,7 @@ class Bench:
                     "  %-14s RR %6.0f/s  p50 %6.1f us  p99 %6.1f us  (busy before %s, waited %s s)"
                     % (path.name, res["tps"], res["p50_us"], res["p99_us"], res["busy_before"], res["waited_s"])
                 )
+        conntrack = self.conntrack_counts()
         ratios = ratio_specs(names)
         return benchlib.section(
             samples,
@@ -806,10 +883,21 @@ class Bench:
                 },
                 "versions": versions(),
                 "load_average_per_round": loads,
+                "conntrack": conntrack,
                 "quiet_gate": self.gate.summary(),
                 "details": details,
             },
         )
+
+    def conntrack_counts(self) -> dict:
+        """group -> node -> {entries, pod_to_pod} of the node's /proc/net/nf_conntrack after the last
+        round (TCP flows stay listed for minutes after they close: tracked pod-to-pod flows show here)."""
+        counts = {}
+        for group in groups_for(self.paths):
+            for node in group.pods:
+                text = run(host_argv(node, "cat", "/proc/net/nf_conntrack"), "nf_conntrack on %s" % node)
+                counts.setdefault(group.name, {})[node] = parse_conntrack(text, MESH_POD_CIDRS)
+        return counts
 
     def notes(self) -> list[str]:
         a = self.args
@@ -830,6 +918,11 @@ class Bench:
             "collect_md is a benchmark fixture (bench/bpf/vxlan_md.c) on nodes with the same CNI pods and the "
             "same masquerade table as tunnel (reconcile with no peers); both VXLAN paths carry an outer UDP "
             "checksum (cm_vxlan has udpcsum, see setup.tunnel.vxlan_device; the fixture sets no BPF_F_ZERO_CSUM_TX)",
+            "plain_pods: the same CNI pods on nodes that reconcile never ran on, with hand-made kernel routes "
+            "(ip route add <peer pod cidr> via <peer node ip>) and ip_forward=1: the reference for direct; "
+            "plain_hosts: host to host on the underlay (2 veths, no forwarding hop), beside it",
+            "extra.conntrack: per pod node, /proc/net/nf_conntrack entries after the last round, and how many "
+            "of them are pod-to-pod flows (source and destination in the mesh pod CIDRs)",
         ]
 
 
@@ -864,7 +957,8 @@ def parse_args(argv=None):
     parser.add_argument("--gate-budget", type=float, default=180, help="longest wait per run, s (default 180)")
     parser.add_argument("--only", help="comma-separated paths (default all): %s" % ",".join(PATH_NAMES))
     parser.add_argument("--output", help="result file (default: bench/results/%s.json)" % NAME)
-    parser.add_argument("--keep-lab", action="store_true", help="leave lab %s up at the end (debugging)" % PREFIX)
+    parser.add_argument("--keep-lab", action="store_true", help="leave the lab up at the end (debugging)")
+    parser.add_argument("--prefix", default=PREFIX, help="lab prefix (default %s)" % PREFIX)
     args = parser.parse_args(argv)
     quick = args.quick
     args.rounds = args.rounds if args.rounds is not None else (1 if quick else benchlib.MIN_ROUNDS)
@@ -884,7 +978,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    global PREFIX
     args = parse_args(argv)
+    PREFIX = args.prefix
     if os.geteuid() != 0:
         print("the lab needs root", file=sys.stderr)
         return 2

@@ -202,11 +202,18 @@ def test_every_path_uses_hosts_and_pods_of_one_group():
         assert len(groups) == 1 and path.server[0] in groups[0].nodes, path.name
 
 
-@pytest.mark.parametrize("path", [p for p in datapath.PATHS if p.client[1] and p.client[0] != p.server[0]])
+def group_of(path):
+    return next(g for g in datapath.GROUPS if path.client[0] in g.nodes)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in datapath.PATHS if p.client[1] and p.client[0] != p.server[0] and group_of(p).mode != datapath.KERNEL],
+)
 def test_the_planner_routes_each_pod_path_as_the_path_claims(path):
     """direct/hybrid_onlink go out on the underlay, tunnel/hybrid_routed through cm_vxlan, and the
     collect-md fixture gets no route of ours at all (its nodes run reconcile without peers)."""
-    group = next(g for g in datapath.GROUPS if path.client[0] in g.nodes)
+    group = group_of(path)
     peers = datapath.peers_of(group, path.client[0])
     plan = routing_plan.plan_routing(datapath.node_input(path.client[0]), peers, group.routing_mode, 24)
     server_cidr = datapath.NODES[path.server[0]].pod_cidr
@@ -229,13 +236,42 @@ def test_hybrid_has_an_on_link_and_a_routed_cross_cluster_peer():
 
 
 def test_only_the_nomasq_group_turns_masquerade_off():
-    assert {g.name for g in datapath.GROUPS if g.mode != "none" and not g.masquerade} == {"direct_nomasq"}
+    routed = [g for g in datapath.GROUPS if g.mode not in (datapath.NONE, datapath.KERNEL)]
+    assert {g.name for g in routed if not g.masquerade} == {"direct_nomasq"}
+
+
+def test_plain_pods_get_hand_made_kernel_routes_to_each_other_and_nothing_of_ours():
+    plain = next(g for g in datapath.GROUPS if g.name == "plain_pods")
+    path = next(p for p in datapath.PATHS if p.name == "plain_pods")
+    assert plain.mode == datapath.KERNEL and not plain.masquerade and datapath.peers_of(plain, "k1") == []
+    assert (path.client, path.server, path.device) == (("k1", "pa"), ("k2", "pa"), "eth0")
+    k1, k2 = (datapath.NODES[n] for n in plain.nodes)
+    assert k1.segment == k2.segment  # on-link, as direct's nodes
+    assert datapath.kernel_routes(plain, "k1") == [("10.1.11.0/24", "198.18.1.24")]
+    script = datapath.kernel_routing_script(plain, "k2")
+    # plain routes: no protocol tag, no device, no table of ours
+    assert script.splitlines() == ["sysctl -qw net.ipv4.ip_forward=1", "ip route add 10.1.10.0/24 via 198.18.1.23"]
+    direct = next(g for g in datapath.GROUPS if g.name == "direct")
+    assert [len(plain.pods[n]) for n in plain.nodes] == [1, 1] and direct.mode == "direct"
+
+
+def test_conntrack_counts_pod_to_pod_flows_by_their_original_direction():
+    text = (
+        "ipv4     2 tcp      6 117 TIME_WAIT src=10.1.1.2 dst=10.1.2.2 sport=39426 dport=5201 src=10.1.2.2 "
+        "dst=10.1.1.2 sport=5201 dport=39426 [ASSURED] mark=0 zone=0 use=2\n"
+        "ipv4     2 tcp      6 10 CLOSE src=10.1.1.2 dst=198.19.255.1 sport=1 dport=80 src=198.19.255.1 "
+        "dst=198.18.1.11 sport=80 dport=1 mark=0 zone=0 use=2\n"
+        "ipv4     2 icmp     1 29 src=198.18.1.11 dst=10.2.1.2 type=8 code=0 id=7 src=10.2.1.2 dst=198.18.1.11 "
+        "type=0 code=0 id=7 mark=0 zone=0 use=2\n"
+    )
+    assert datapath.parse_conntrack(text, datapath.MESH_POD_CIDRS) == {"entries": 3, "pod_to_pod": 1}
+    assert datapath.parse_conntrack("", datapath.MESH_POD_CIDRS) == {"entries": 0, "pod_to_pod": 0}
 
 
 def test_plain_hosts_are_left_alone_and_have_no_pods():
-    plain = next(g for g in datapath.GROUPS if g.name == "plain")
+    plain = next(g for g in datapath.GROUPS if g.name == "plain_hosts")
     assert plain.mode == "none" and plain.pods == {}
-    for path in (p for p in datapath.PATHS if p.name.startswith("plain")):
+    for path in (p for p in datapath.PATHS if p.name in ("plain_hosts", "plain_routed")):
         assert path.client[1] is None and path.server[1] is None
         assert {path.client[0], path.server[0]} <= set(plain.nodes)
     p1, p2, p3 = (datapath.NODES[n] for n in plain.nodes)
@@ -257,20 +293,23 @@ def test_cni_vars_give_every_node_its_pod_cidr_and_mtu_as_the_plugin_accepts_the
 
 
 def test_groups_for_selects_only_the_groups_of_the_paths():
-    paths = [p for p in datapath.PATHS if p.name in ("plain", "hybrid_routed")]
-    assert [g.name for g in datapath.groups_for(paths)] == ["hybrid", "plain"]
+    paths = [p for p in datapath.PATHS if p.name in ("plain_hosts", "hybrid_routed", "plain_pods")]
+    assert [g.name for g in datapath.groups_for(paths)] == ["hybrid", "plain_pods", "plain_hosts"]
 
 
 # ratios, targets, order, report ------------------------------------------------------------------
 
 
 def test_ratios_only_for_measured_pairs_and_targets_only_for_measured_ratios():
-    ratios = datapath.ratio_specs(["plain", "direct", "same_node"])
-    assert ratios["direct_over_plain.gbps_1"] == ("direct.gbps_1", "plain.gbps_1")
+    ratios = datapath.ratio_specs(["plain_pods", "plain_hosts", "direct", "same_node"])
+    assert ratios["direct_over_plain_pods.gbps_1"] == ("direct.gbps_1", "plain_pods.gbps_1")
+    assert ratios["direct_over_plain_hosts.gbps_4"] == ("direct.gbps_4", "plain_hosts.gbps_4")
     assert "direct_over_same_node.rr_p50_us" in ratios
     assert not any(name.startswith("tunnel_over_direct") for name in ratios)
     targets = datapath.target_specs(ratios)
-    assert set(targets) == {"direct >= 0.97 x plain, 1 stream", "direct >= 0.97 x plain, 4 streams"}
+    # direct's target is against the pod-to-pod reference, not host to host
+    assert set(targets) == {"direct >= 0.97 x plain_pods, 1 stream", "direct >= 0.97 x plain_pods, 4 streams"}
+    assert datapath.target_specs(datapath.ratio_specs(["plain_hosts", "direct"])) == {}
 
 
 def test_every_target_refers_to_a_ratio_of_the_full_run():
@@ -286,10 +325,10 @@ def test_path_order_alternates():
 
 
 def test_report_shows_medians_spread_ratios_and_unmet_targets():
-    names = ["plain", "direct", "tunnel"]
+    names = ["plain_pods", "direct", "tunnel"]
     samples = {datapath.sample_name(p, m): [] for p in names for m in datapath.METRICS}
     for gbps in (10.0, 12.0, 11.0):
-        for p, factor in (("plain", 1.0), ("direct", 0.9), ("tunnel", 0.8)):
+        for p, factor in (("plain_pods", 1.0), ("direct", 0.9), ("tunnel", 0.8)):
             samples[datapath.sample_name(p, "gbps_1")].append(gbps * factor)
             samples[datapath.sample_name(p, "gbps_4")].append(2 * gbps * factor)
             samples[datapath.sample_name(p, "rr_tps")].append(40000 * factor)
@@ -297,19 +336,19 @@ def test_report_shows_medians_spread_ratios_and_unmet_targets():
             samples[datapath.sample_name(p, "rr_p99_us")].append(60 / factor)
     ratios = datapath.ratio_specs(names)
     section = benchlib.section(samples, ratios=ratios, targets=datapath.target_specs(ratios))
-    assert section["ratios"]["direct_over_plain.gbps_1"]["median"] == pytest.approx(0.9)
-    assert section["targets"]["direct >= 0.97 x plain, 1 stream"]["met"] is False
+    assert section["ratios"]["direct_over_plain_pods.gbps_1"]["median"] == pytest.approx(0.9)
+    assert section["targets"]["direct >= 0.97 x plain_pods, 1 stream"]["met"] is False
     assert section["targets"]["tunnel >= 0.85 x direct, 4 streams"]["met"] is True
     text = datapath.report(section, names)
-    assert "11.00 [10.00-12.00]" in text  # plain, 1 stream: median [min-max]
+    assert "11.00 [10.00-12.00]" in text  # plain_pods, 1 stream: median [min-max]
     assert "NOT MET" in text and "met" in text
-    line = next(row for row in text.splitlines() if row.startswith("direct_over_plain"))
+    line = next(row for row in text.splitlines() if row.startswith("direct_over_plain_pods"))
     assert line.split()[1:] == ["0.900", "0.900", "0.900", "1.111"]
 
 
 def test_report_of_a_path_without_samples_shows_dashes():
-    section = benchlib.section({"plain.gbps_1": [None]})
-    assert datapath.report(section, ["plain"]).splitlines()[2].split()[1:] == ["-"] * 5
+    section = benchlib.section({"plain_hosts.gbps_1": [None]})
+    assert datapath.report(section, ["plain_hosts"]).splitlines()[2].split()[1:] == ["-"] * 5
 
 
 def test_quick_defaults_and_unknown_paths(capsys):
@@ -320,5 +359,5 @@ def test_quick_defaults_and_unknown_paths(capsys):
     assert (args.rounds, args.time, args.omit, args.output) == (benchlib.MIN_ROUNDS, 5, 1, None)
     assert args.paths == datapath.PATH_NAMES
     with pytest.raises(SystemExit):
-        datapath.parse_args(["--only", "plain,warp"])
+        datapath.parse_args(["--only", "plain_pods,warp"])
     assert "unknown path(s) warp" in capsys.readouterr().err
