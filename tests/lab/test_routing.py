@@ -217,6 +217,18 @@ def tcp_source_seen(server_host, server_ip, client_host, client_ip, port=7001, t
         server.wait()
 
 
+def conntrack_tcp(host, port):
+    """(src, dst, reply src, reply dst) of host's conntrack entries for TCP port ``port``
+    (/proc/net/nf_conntrack of the host's network namespace; closed flows stay listed for minutes)."""
+    out = run_in(PREFIX, host, "cat", "/proc/net/nf_conntrack").stdout
+    flows = set()
+    for line in out.splitlines():
+        if " tcp " in line and "dport=%d " % port in line:
+            addresses = re.findall(r"(?:src|dst)=(\S+)", line)
+            flows.add(tuple(addresses[:4]))
+    return flows
+
+
 SERVER = """
 import socket, sys
 s = socket.socket()
@@ -388,10 +400,17 @@ def test_masquerade_outside_the_mesh_only(mesh):
     nft = " ".join(snap["nft"])
     assert "ip saddr @node_pod_cidrs ip daddr != @mesh_pod_cidrs snat to 198.18.1.11" in nft
     assert "10.1.0.0/16" in nft and "10.2.0.0/16" in nft
+    assert "chain raw_prerouting" in nft and "chain raw_output" in nft and "notrack" in nft
     # the outside sees the node IP; pods of other nodes (direct and tunnelled) see the pod IP
     assert tcp_source_seen("router", OUTSIDE, "c1-n1", "10.1.0.1") == "198.18.1.11"
     assert tcp_source_seen("c1-n2", "10.1.1.1", "c1-n1", "10.1.0.1") == "10.1.0.1"
     assert tcp_source_seen("c2-n2", "10.2.1.1", "c1-n1", "10.1.0.1") == "10.1.0.1"
+    # conntrack tracked (and translated) the masqueraded connection, and no pod-to-pod one on either
+    # side: sent by the node (raw output) or received from the underlay or the tunnel (raw prerouting)
+    tracked = {host: conntrack_tcp(host, 7001) for host in ("c1-n1", "c1-n2", "c2-n2")}
+    assert ("10.1.0.1", OUTSIDE, OUTSIDE, "198.18.1.11") in tracked["c1-n1"]
+    for host, flows in tracked.items():
+        assert not [f for f in flows if f[0].startswith("10.") and f[1].startswith("10.")], (host, flows)
 
     off = reconcile(mesh, "c1-n1", "hybrid", masquerade=False)
     assert off["changes"] == ["delete nft table ip clustermesh"]
