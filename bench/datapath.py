@@ -343,6 +343,17 @@ def parse_tcp_rr(text: str) -> dict:
     }
 
 
+def combine_rr(runs: list[dict]) -> dict:
+    """One tcp_rr sample from several short runs of a path (interleaved with the other paths' runs):
+    the median of their rates and percentiles, and the runs themselves."""
+    return {
+        "tps": benchlib.median(r["tps"] for r in runs),
+        "p50_us": benchlib.median(r["p50_us"] for r in runs),
+        "p99_us": benchlib.median(r["p99_us"] for r in runs),
+        "runs": runs,
+    }
+
+
 def parse_pod_add(text: str) -> str:
     """The pod's IP: the last line ``tools/lab pod add`` prints."""
     lines = text.strip().splitlines()
@@ -850,14 +861,25 @@ class Bench:
                         "  %-14s %d stream(s) %6.2f Gbit/s  retr %-5s (busy before %s, waited %s s)"
                         % (path.name, streams, res["gbps"], res["retransmits"], res["busy_before"], res["waited_s"])
                     )
+            runs = {path.name: [] for path in order}
+            for _repeat in range(self.args.rr_repeats):  # interleaved: a burst of other work hits one run
+                for path in order:
+                    runs[path.name].append(self.tcp_rr(path))
             for path in order:
-                res = self.tcp_rr(path)
+                res = combine_rr(runs[path.name])
                 for metric, key in (("rr_tps", "tps"), ("rr_p50_us", "p50_us"), ("rr_p99_us", "p99_us")):
                     samples[sample_name(path.name, metric)].append(res[key])
                 details["tcp_rr"].setdefault(path.name, []).append(res)
                 log(
-                    "  %-14s RR %6.0f/s  p50 %6.1f us  p99 %6.1f us  (busy before %s, waited %s s)"
-                    % (path.name, res["tps"], res["p50_us"], res["p99_us"], res["busy_before"], res["waited_s"])
+                    "  %-14s RR %6.0f/s  p50 %6.1f us  p99 %6.1f us  (p50 of the runs %s; busy before %s)"
+                    % (
+                        path.name,
+                        res["tps"],
+                        res["p50_us"],
+                        res["p99_us"],
+                        " ".join("%.1f" % r["p50_us"] for r in res["runs"]),
+                        max(r["busy_before"] or 0 for r in res["runs"]),
+                    )
                 )
         conntrack = self.conntrack_counts()
         ratios = ratio_specs(names)
@@ -878,6 +900,7 @@ class Bench:
                     "iperf3_time_s": self.args.time,
                     "iperf3_omit_s": self.args.omit,
                     "rr_time_s": self.args.rr_time,
+                    "rr_repeats": self.args.rr_repeats,
                     "rr_warmup_transactions": RR_WARMUP,
                     "rr_cpu": self.args.rr_cpu,
                 },
@@ -906,8 +929,9 @@ class Bench:
             "streams, client and server unpinned" % (a.time, a.omit),
             "rr_*: tcp_rr (bench/bpf/tcp_rr.c): one TCP connection, 1-byte request and response back to back "
             "for %g s after %d warm-up transactions, client and server pinned to CPU %d (on this 2-vCPU VM a "
-            "cross-CPU wake-up adds ~40 us at random, which hides the datapath); p50/p99 of every transaction"
-            % (a.rr_time, RR_WARMUP, a.rr_cpu),
+            "cross-CPU wake-up adds ~40 us at random, which hides the datapath); p50/p99 of every transaction; "
+            "each round runs it %d times per path, the paths interleaved, and takes the median of the runs"
+            % (a.rr_time, RR_WARMUP, a.rr_cpu, a.rr_repeats),
             "before every sample the quiet gate waits (up to %g s per sample, %g s per run) until other work uses "
             "at most %g of all CPUs (each sample records busy_before and waited_s; extra.quiet_gate sums up)"
             % (a.gate_wait, a.gate_budget, a.max_busy),
@@ -944,7 +968,10 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 1 s samples")
     parser.add_argument("--time", type=int, help="iperf3 seconds per sample (default 5; --quick: 1)")
     parser.add_argument("--omit", type=int, help="iperf3 seconds omitted at the start (default 1; --quick: 0)")
-    parser.add_argument("--rr-time", type=float, help="tcp_rr seconds per sample (default 2; --quick: 0.5)")
+    parser.add_argument("--rr-time", type=float, help="tcp_rr seconds per run (default 0.5; --quick: 0.25)")
+    parser.add_argument(
+        "--rr-repeats", type=int, help="tcp_rr runs per path and round, interleaved; median (default 4; --quick: 2)"
+    )
     parser.add_argument("--rr-cpu", type=int, default=0, help="CPU of tcp_rr client and server (default 0)")
     parser.add_argument(
         "--max-busy",
@@ -964,7 +991,8 @@ def parse_args(argv=None):
     args.rounds = args.rounds if args.rounds is not None else (1 if quick else benchlib.MIN_ROUNDS)
     args.time = args.time or (1 if quick else 5)
     args.omit = args.omit if args.omit is not None else (0 if quick else 1)
-    args.rr_time = args.rr_time or (0.5 if quick else 2.0)
+    args.rr_time = args.rr_time or (0.25 if quick else 0.5)
+    args.rr_repeats = args.rr_repeats or (2 if quick else 4)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     args.paths = PATH_NAMES

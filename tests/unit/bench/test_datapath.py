@@ -114,6 +114,17 @@ def test_route_device(text, device):
     assert datapath.route_device(text) == device
 
 
+def test_rr_sample_is_the_median_of_its_runs():
+    runs = [
+        {"tps": 40000.0, "p50_us": 20.4, "p99_us": 30.0, "busy_before": 0.0},
+        {"tps": 30000.0, "p50_us": 26.9, "p99_us": 70.0, "busy_before": 0.1},  # a burst of other work
+        {"tps": 41000.0, "p50_us": 20.3, "p99_us": 31.0, "busy_before": 0.0},
+    ]
+    res = datapath.combine_rr(runs)
+    assert (res["tps"], res["p50_us"], res["p99_us"]) == (40000.0, 20.4, 31.0)
+    assert res["runs"] == runs
+
+
 # quiet gate ------------------------------------------------------------------------------------
 
 
@@ -353,7 +364,7 @@ def test_report_of_a_path_without_samples_shows_dashes():
 
 def test_quick_defaults_and_unknown_paths(capsys):
     args = datapath.parse_args(["--quick"])
-    assert (args.rounds, args.time, args.omit, args.rr_time) == (1, 1, 0, 0.5)
+    assert (args.rounds, args.time, args.omit, args.rr_time, args.rr_repeats) == (1, 1, 0, 0.25, 2)
     assert args.output.endswith("datapath-quick.json")
     args = datapath.parse_args([])
     assert (args.rounds, args.time, args.omit, args.output) == (benchlib.MIN_ROUNDS, 5, 1, None)
