@@ -540,7 +540,7 @@ class AgentClient:
         if not sep or len(status_line) < 2 or not status_line[0].startswith(b"HTTP/") or not status_line[1].isdigit():
             raise AgentUnreachable(self.socket_path, "not an HTTP answer: %r" % raw[:80])
         for line in lines[1:]:
-            name, _, value = line.partition(b":")
+            name, _sep, value = line.partition(b":")
             if name.strip().lower() == b"content-length" and value.strip().isdigit():
                 length = int(value.strip())
                 if len(body) < length:

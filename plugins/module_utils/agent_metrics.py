@@ -31,10 +31,8 @@ import time
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
-    from prometheus_client.exposition import CONTENT_TYPE_LATEST
 except ImportError as exc:  # reported with requirements.missing_requirements
     CollectorRegistry = None
-    CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
     IMPORT_ERROR = exc
 else:
     IMPORT_ERROR = None

@@ -70,11 +70,11 @@ def raw_request(path, data):
             if not chunk:
                 break
             chunks += chunk
-            head, _, body = chunks.partition(b"\r\n\r\n")
+            head, _sep, body = chunks.partition(b"\r\n\r\n")
             length = [int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length")]
             if length and len(body) >= length[0]:
                 break
-    head, _, body = chunks.partition(b"\r\n\r\n")
+    head, _sep, body = chunks.partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(body)
 
 
@@ -374,7 +374,7 @@ def test_a_stranger_on_the_socket_is_unreachable_not_a_crash(short_dir, answer, 
     listener.listen(1)
 
     def answer_once():
-        conn, _ = listener.accept()
+        conn, _peer = listener.accept()
         with conn:
             conn.recv(65536)
             conn.sendall(answer)

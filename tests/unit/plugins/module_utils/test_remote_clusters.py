@@ -127,7 +127,7 @@ def test_update_calls_back_with_old_and_new_and_identical_put_is_silent(view):
     assert not view.put(IP_KEY, ip_value())  # same value again (e.g. re-put by the remote agent)
     assert view.rec.take() == []
     assert view.put(IP_KEY, ip_value(host="198.18.2.12"))
-    ((_, kind, key, old, new),) = view.rec.take()
+    ((_cluster, kind, key, old, new),) = view.rec.take()
     assert (kind, key, old, new.host_ip) == (KIND_IPCACHE, IP_KEY, first, "198.18.2.12")
     assert view.events == 3
 
@@ -141,7 +141,8 @@ def test_bad_values_are_rejected_counted_and_skipped(view):
     assert view.rejections == 3
     assert set(view.rejected) == {NODE_KEY, IP_KEY, layout.node_key("cluster3", "n9")}
     assert "outside the range" in view.rejected[IP_KEY]
-    assert [key for _, key, _ in view.last_rejections] == [NODE_KEY, IP_KEY, layout.node_key("cluster3", "n9")]
+    rejected_keys = [key for _when, key, _reason in view.last_rejections]
+    assert rejected_keys == [NODE_KEY, IP_KEY, layout.node_key("cluster3", "n9")]
     # a good value afterwards is taken and clears the rejection
     assert view.put(IP_KEY, ip_value())
     assert IP_KEY not in view.rejected
