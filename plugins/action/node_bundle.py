@@ -25,6 +25,7 @@ from ansible.plugins.action import ActionBase
 ENTRY_POINTS = {
     "cni": ("cni_plugin", "main"),
     "meshctl": ("meshctl", "main"),
+    "meshd": ("meshd", "main"),
 }
 PACKAGE = "clustermesh_lib"  # the name plugins/module_utils gets inside the bundle
 MODULE_UTILS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils")

@@ -18,6 +18,8 @@ description:
     and diff mode (the bundle is binary, so the diff says only that it changed).
   - The entry point V(cni) is the CNI plugin C(clustermesh-cni) (run by the container runtime with the
     configuration on stdin and C(CNI_*) in the environment).
+  - The entry point V(meshd) is the node agent, installed by role C(clustermesh.core.agent) with its
+    CLI V(meshctl) beside it.
   - The node's Python needs the library's third-party packages (C(requirements/node.txt)); the CNI
     plugin needs pyroute2.
 version_added: 0.1.0
@@ -33,11 +35,12 @@ options:
     required: true
   entry_point:
     description:
-      - What the bundle runs. V(cni) is the CNI plugin C(clustermesh-cni); V(meshctl) the node agent's CLI
-        (C(plugins/module_utils/meshctl.py)).
+      - What the bundle runs. V(cni) is the CNI plugin C(clustermesh-cni); V(meshd) the node agent
+        (C(plugins/module_utils/meshd.py), run as C(meshd --config /etc/clustermesh/agent.yaml)); V(meshctl)
+        the node agent's CLI (C(plugins/module_utils/meshctl.py)).
     type: str
     required: true
-    choices: [cni, meshctl]
+    choices: [cni, meshctl, meshd]
   interpreter:
     description:
       - The node's Python, written into the shebang line.
@@ -79,6 +82,12 @@ EXAMPLES = r"""
   clustermesh.core.node_bundle:
     entry_point: cni
     dest: /opt/cni/bin/clustermesh-cni
+
+- name: Install the node agent for the Python of its virtualenv
+  clustermesh.core.node_bundle:
+    entry_point: meshd
+    dest: /var/lib/clustermesh/agent/bin/meshd
+    interpreter: /var/lib/clustermesh/agent/venv/bin/python
 
 - name: Install it for another Python
   clustermesh.core.node_bundle:
