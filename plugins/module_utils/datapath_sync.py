@@ -181,7 +181,7 @@ class SyncResult:
 
     @property
     def writes(self) -> int:
-        """Map syscall-level operations (entries written plus entries deleted)."""
+        """Entries written plus entries deleted, over all maps."""
         return sum(self.written.values()) + sum(self.deleted.values())
 
     def add(self, other: SyncResult) -> None:

@@ -7,11 +7,12 @@ backends that exist, and its rev-NAT entry exists."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 
-from ansible_collections.clustermesh.core.plugins.module_utils import bpf_maps
+from ansible_collections.clustermesh.core.plugins.module_utils import bpf_maps, bpf_syscall
 from ansible_collections.clustermesh.core.plugins.module_utils import datapath_sync as ds
 from ansible_collections.clustermesh.core.plugins.module_utils.datapath_sync import (
     BackendSpec,
@@ -520,3 +521,69 @@ def test_scale_sync_of_5000_services_with_8_backends_each_is_fast():
     assert result.written["cm_lb_svc"] == 8 and result.deleted == {"cm_lb_svc": 1, "cm_lb_be": 1, "cm_lb_revnat": 0}
     # generous bounds (the fake maps cost more than the real ones); the lab test measures the real maps
     assert first < 30 and again < 1 and one < 1, (first, again, one)
+
+
+class AnonMap:
+    """An unpinned kernel map with a pinned map's spec (what datapath_sync reads from a PinnedMap)."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.fd = bpf_syscall.map_create(spec.map_type, spec.key.size, spec.value.size, spec.max_entries, spec.flags)
+
+
+class AnonMaps:
+    def __init__(self):
+        self.service = AnonMap(bpf_maps.SERVICE_MAP)
+        self.backend = AnonMap(bpf_maps.BACKEND_MAP)
+        self.revnat = AnonMap(bpf_maps.REVNAT_MAP)
+        self.ipcache = AnonMap(bpf_maps.IPCACHE_MAP)
+
+    def close(self):
+        for m in (self.service, self.backend, self.revnat, self.ipcache):
+            bpf_syscall.close(m.fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (bpf(2))")
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "per-entry"])
+def test_real_kernel_maps_with_and_without_batch_operations(batch):
+    def new_sync():
+        sync = DatapathSync(maps)
+        for m in (sync._svc, sync._be, sync._rn, sync._ipc):
+            assert m.batch == {"lookup": True, "update": True, "delete": True}  # real maps: raw bytes
+            if not batch:
+                m.batch = dict.fromkeys(m.batch, False)  # as on a kernel without batch operations
+        return sync
+
+    maps = AnonMaps()
+    try:
+        sync = new_sync()
+        frontends = [fe(f"172.30.{i // 256}.{i % 256}", 80, [f"10.1.{i // 64}.{i % 64 * 4 + n}" for n in range(3)])
+                     for i in range(3000)]  # fmt: skip
+        entries = [IPCacheSpec(f"10.1.{i // 256}.{i % 256}/32", i + 1, "198.18.1.11", 1) for i in range(600)]
+        sync.sync_services(frontends)
+        sync.sync_ipcache([*entries, IPCacheSpec("10.2.0.0/16", 2, "198.18.1.13", 2)])
+        want = {(f.ip, 80, "TCP"): sorted((b.ip, b.port) for b in f.backends) for f in frontends}
+        assert ds.describe_services(maps) == want
+        assert len(ds.describe_ipcache(maps)) == 601
+        assert bpf_maps.PinnedMap.lookup(maps.ipcache, {"prefixlen": 32, "address": "10.2.3.4"})["identity"] == 2
+        restarted = new_sync()
+        restarted.adopt()  # reads 3000 x 4 + 9000 + 3000 + 601 entries
+        assert restarted.backend_ids() == sync.backend_ids()
+        assert (
+            restarted.counts()
+            == sync.counts()
+            == {
+                "cm_lb_svc": 12000,
+                "cm_lb_be": 9000,
+                "cm_lb_revnat": 3000,
+                "cm_ipcache": 601,
+            }
+        )
+        assert not restarted.sync_services(frontends).changed
+        result = restarted.sync_services(frontends[:1000])
+        assert result.deleted == {"cm_lb_svc": 8000, "cm_lb_be": 6000, "cm_lb_revnat": 2000}
+        assert ds.describe_services(maps) == {k: want[k] for k in list(want)[:1000]}
+        restarted.sync_ipcache(entries[:10])
+        assert len(ds.describe_ipcache(maps)) == 10
+    finally:
+        maps.close()
