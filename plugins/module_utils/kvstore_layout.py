@@ -525,3 +525,44 @@ def parse_service_declaration_key(key: str) -> ServiceDeclarationKey:
         rest, 2, key, "service declaration", "cilium/clustermesh-core/services/v1/<namespace>/<name>"
     )
     return ServiceDeclarationKey(validate_dns_label(namespace, "namespace"), validate_dns_label(name, "service name"))
+
+
+# --------------------------------------------------------------------------------------------
+# clustermesh.core's own keys: the node agents' coordination inside one cluster
+# --------------------------------------------------------------------------------------------
+#
+#   cilium/clustermesh-core/backends/v1/<namespace>/<name>/<node>   healthy backends of a service on
+#                                                                   one node (services.encode_backend_slice),
+#                                                                   under that node agent's lease
+#   cilium/clustermesh-core/leader/v1/service-export               the node whose agent publishes the
+#                                                                   cluster's ClusterServices and heartbeat
+#
+# Like the declarations, invisible to remote clusters: they see only the merged ClusterService.
+
+BACKEND_SLICES_PREFIX = OWN_PREFIX + "backends/v1/"
+SERVICE_EXPORT_LEADER_KEY = OWN_PREFIX + "leader/v1/service-export"
+
+
+@dataclass(frozen=True)
+class BackendSliceKey:
+    namespace: str
+    name: str
+    node: str
+
+
+def backend_slice_key(namespace: str, name: str, node: str) -> str:
+    return (
+        f"{BACKEND_SLICES_PREFIX}{validate_dns_label(namespace, 'namespace')}/"
+        f"{validate_dns_label(name, 'service name')}/{validate_node_name(node)}"
+    )
+
+
+def parse_backend_slice_key(key: str) -> BackendSliceKey:
+    """``cilium/clustermesh-core/backends/v1/<namespace>/<name>/<node>`` -> BackendSliceKey."""
+    rest = _strip_prefix(key, BACKEND_SLICES_PREFIX, "backend slice")
+    namespace, name, node = _split_exact(
+        rest, 3, key, "backend slice", "cilium/clustermesh-core/backends/v1/<namespace>/<name>/<node>"
+    )
+    return BackendSliceKey(
+        validate_dns_label(namespace, "namespace"), validate_dns_label(name, "service name"), validate_node_name(node)
+    )

@@ -817,3 +817,23 @@ def merge_all(
             raise ValueError(f"two declarations of {decl.namespace}/{decl.name}")
         result[key] = merge_service(decl, local_cluster, by_service.get(key, ()), health)
     return result
+
+
+# --- backend slices: one node's healthy backends of a service, inside its own cluster -------------------
+
+
+def encode_backend_slice(node: str, ips: Iterable[str]) -> bytes:
+    """The value of ``kvstore_layout.backend_slice_key(ns, name, node)``: the node's healthy backend IPs."""
+    canonical = sorted({str(ipaddress.ip_address(ip)) for ip in ips}, key=_ip_sort_key)
+    return json.dumps({"node": node, "backends": canonical}, separators=(",", ":")).encode()
+
+
+def decode_backend_slice(value: bytes | str, node: str) -> tuple[str, ...]:
+    """The backend IPs of a slice written by :func:`encode_backend_slice` for ``node``."""
+    data = _load_object(value, "backend slice")
+    if data.get("node") != node:
+        raise _fail("node", f"{data.get('node')!r} does not match the key's node {node!r}")
+    ips = data.get("backends")
+    if not isinstance(ips, list):
+        raise _fail("backends", f"must be a list of IP addresses, got {type(ips).__name__}")
+    return tuple(_parse_ip(ip, f"backends[{index}]") for index, ip in enumerate(ips))
