@@ -65,6 +65,7 @@ class MeshState:
         self.endpoints: dict[tuple[str, str], dict[str, Any]] = {}  # this node's, from the agent API
         self.health: dict[Target, bool] = {}
         self._merged: dict[ServiceKey, Any] = {}
+        self.conflicts: dict[ServiceKey, str] = {}  # services left out of the maps, and why
         self._frontends: dict[ServiceKey, list[FrontendSpec]] = {}
         self._dirty_services: set[ServiceKey] = set()
         self._dirty_ipcache = False
@@ -251,7 +252,17 @@ class MeshState:
                 merged = merge_service(decl, self.cluster, [local, *remote])
                 self._merged[key] = merged
                 self._frontends[key] = frontends_from_merged({key: merged}, {key: decl}, self.cluster_ids)
-            return [spec for specs in self._frontends.values() for spec in specs]
+            wanted, seen, conflicts = [], {}, {}
+            for key in sorted(self._frontends):
+                for spec in self._frontends[key]:
+                    address = (spec.ip, spec.port, spec.protocol)
+                    if address in seen:  # two declarations of one ClusterIP:port: the first (by name) wins
+                        conflicts[key] = f"{spec.ip}:{spec.port}/{spec.protocol} is already {seen[address]}'s"
+                        continue
+                    seen[address] = "/".join(key)
+                    wanted.append(spec)
+            self.conflicts = conflicts
+            return wanted
 
     def merged(self) -> dict[ServiceKey, Any]:
         with self._lock:

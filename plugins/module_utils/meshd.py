@@ -547,7 +547,11 @@ class Meshd:
             try:
                 result = {}
                 if dirty.services:
+                    before = dict(self.state.conflicts)
                     result["services"] = self.sync.sync_services(self.state.frontends(dirty.services))
+                    for (ns, name), why in self.state.conflicts.items():
+                        if before.get((ns, name)) != why:
+                            log.error("service %s/%s left out of the maps: %s", ns, name, why)
                 if dirty.ipcache:
                     result["ipcache"] = self.sync.sync_ipcache(self.state.ipcache_specs(self.config.node_ip))
             except Exception as exc:  # noqa: BLE001 - retried with everything marked dirty
@@ -639,6 +643,7 @@ class Meshd:
             "leader": self.leader_holder,
             "clusters": clusters,
             "services": len(self.state.declarations),
+            "service_conflicts": {"/".join(key): why for key, why in self.state.conflicts.items()},
             "state": dict(self.state.counts()),
             "maps": self.sync.counts() if self.sync else {},
             "pending_endpoints": len(self._pending),

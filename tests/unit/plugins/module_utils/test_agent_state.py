@@ -1,0 +1,132 @@
+# -*- coding: utf-8 -*-
+# Copyright: clustermesh.core contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The agent's in-memory mesh state: what goes into the maps and what the node publishes."""
+
+from __future__ import annotations
+
+from ansible_collections.clustermesh.core.plugins.module_utils.agent_state import MeshState
+from ansible_collections.clustermesh.core.plugins.module_utils.mesh_state import (
+    KIND_IPCACHE,
+    KIND_SERVICE,
+    make_ipcache_entry,
+)
+from ansible_collections.clustermesh.core.plugins.module_utils.services import (
+    build_cluster_service,
+    make_declaration,
+)
+
+ANNOTATIONS = {"service.cilium.io/global": "true"}
+
+
+def declaration(cluster_ip="172.30.1.10", name="rebel-base", **annotations):
+    return make_declaration(
+        "default",
+        name,
+        cluster_ip,
+        [{"name": "http", "port": 80}],
+        {"name": "rebel-base"},
+        dict(ANNOTATIONS, **annotations),
+        {"type": "tcp", "interval": 1},
+    )
+
+
+def remote_service(cluster="cluster2", cluster_id=2, ips=("10.2.0.2", "10.2.1.2"), shared="true"):
+    decl = declaration("172.30.2.10", **{"service.cilium.io/shared": shared})
+    return build_cluster_service(decl, cluster, cluster_id, ips)
+
+
+def backends(state, dirty=None):
+    specs = state.frontends(dirty if dirty is not None else state.take_dirty().services)
+    return {(s.ip, s.port, s.protocol): sorted((b.ip, b.cluster_id) for b in s.backends) for s in specs}
+
+
+def mesh(**annotations):
+    state = MeshState("cluster1", 1, "c1-n1")
+    state.put_declaration(declaration(**annotations))
+    state.put_slice("default", "rebel-base", "c1-n1", ["10.1.0.2"])
+    state.put_slice("default", "rebel-base", "c1-n2", ["10.1.1.2"])
+    svc = remote_service()
+    state.apply_cluster_change("cluster2", KIND_SERVICE, "k", None, svc)
+    return state, svc
+
+
+FRONTEND = ("172.30.1.10", 80, "TCP")
+LOCAL = [("10.1.0.2", 1), ("10.1.1.2", 1)]
+REMOTE = [("10.2.0.2", 2), ("10.2.1.2", 2)]
+
+
+def test_global_service_uses_every_clusters_backends():
+    state, _svc = mesh()
+    assert backends(state) == {FRONTEND: LOCAL + REMOTE}
+
+
+def test_affinity_local_fails_over_when_the_local_slices_empty():
+    state, _svc = mesh(**{"service.cilium.io/affinity": "local"})
+    assert backends(state) == {FRONTEND: LOCAL}
+    state.put_slice("default", "rebel-base", "c1-n1", [])
+    state.put_slice("default", "rebel-base", "c1-n2", None)  # that agent's lease expired
+    assert backends(state) == {FRONTEND: REMOTE}
+    state.put_slice("default", "rebel-base", "c1-n1", ["10.1.0.2"])
+    assert backends(state) == {FRONTEND: [("10.1.0.2", 1)]}
+
+
+def test_a_remote_service_not_shared_is_not_used_and_a_removed_one_goes():
+    state, svc = mesh()
+    state.take_dirty()
+    unshared = remote_service(shared="false")
+    state.apply_cluster_change("cluster2", KIND_SERVICE, "k", svc, unshared)
+    assert backends(state) == {FRONTEND: LOCAL}
+    state.apply_cluster_change("cluster2", KIND_SERVICE, "k", unshared, svc)
+    assert backends(state) == {FRONTEND: LOCAL + REMOTE}
+    state.apply_cluster_change("cluster2", KIND_SERVICE, "k", svc, None)
+    assert backends(state) == {FRONTEND: LOCAL}
+
+
+def test_only_dirty_services_are_merged_again_and_removed_declarations_leave():
+    state, _svc = mesh()
+    assert backends(state) == {FRONTEND: LOCAL + REMOTE}
+    assert state.take_dirty().services == frozenset()
+    state.put_slice("default", "rebel-base", "c1-n1", ["10.1.0.2"])  # unchanged: nothing dirty
+    assert not state.take_dirty().services
+    state.delete_declaration("default", "rebel-base")
+    assert backends(state) == {}
+
+
+def test_two_declarations_of_one_cluster_ip_keep_the_first_and_say_why():
+    state, _svc = mesh()
+    state.put_declaration(declaration(name="rebel-copy"))
+    assert backends(state) == {FRONTEND: LOCAL + REMOTE}
+    assert state.conflicts == {("default", "rebel-copy"): "172.30.1.10:80/TCP is already default/rebel-base's"}
+
+
+def test_exports_follow_global_and_shared():
+    state, _svc = mesh()
+    exported = state.exports()[("default", "rebel-base")]
+    assert sorted(exported.backends) == ["10.1.0.2", "10.1.1.2"] and exported.shared
+    state.put_declaration(declaration(**{"service.cilium.io/shared": "false"}))
+    assert state.exports() == {("default", "rebel-base"): None}
+
+
+def test_health_targets_and_node_slice_come_from_this_nodes_endpoints():
+    state, _svc = mesh()
+    state.put_endpoint({"containerID": "a", "ifname": "eth0", "ip": "10.1.0.2", "labels": {"name": "rebel-base"}})
+    state.put_endpoint({"containerID": "b", "ifname": "eth0", "ip": "10.1.0.3", "labels": {"name": "x-wing"}})
+    targets = state.health_targets()[("default", "rebel-base")]
+    assert list(targets) == ["10.1.0.2"] and targets["10.1.0.2"].port == 80 and targets["10.1.0.2"].interval == 1
+    assert state.node_slices() == {("default", "rebel-base"): ()}  # not healthy (yet)
+    state.set_health(targets["10.1.0.2"], True)
+    assert state.node_slices() == {("default", "rebel-base"): ("10.1.0.2",)}
+
+
+def test_ipcache_has_every_cluster_and_this_nodes_endpoints_at_once():
+    state = MeshState("cluster1", 1, "c1-n1")
+    state.set_cluster_id("cluster2", 2)
+    remote = make_ipcache_entry("10.2.0.2", 131072, "198.18.1.13")
+    state.apply_cluster_change("cluster2", KIND_IPCACHE, "cilium/state/ip/v1/default/10.2.0.2", None, remote)
+    state.put_endpoint({"containerID": "a", "ifname": "eth0", "ip": "10.1.0.2", "identity": 65536})
+    assert state.take_dirty().ipcache
+    specs = {s.prefix: (s.identity, s.tunnel_endpoint, s.cluster_id) for s in state.ipcache_specs("198.18.1.11")}
+    assert specs == {"10.2.0.2/32": (131072, "198.18.1.13", 2), "10.1.0.2/32": (65536, "198.18.1.11", 1)}
+    state.apply_cluster_change("cluster2", KIND_IPCACHE, "cilium/state/ip/v1/default/10.2.0.2", remote, None)
+    assert [s.prefix for s in state.ipcache_specs("198.18.1.11")] == ["10.1.0.2/32"]
