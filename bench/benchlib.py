@@ -19,6 +19,7 @@ import os
 import platform
 import queue
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -215,6 +216,42 @@ def write_result(doc: dict, name: str | None = None, directory: str = RESULTS_DI
         f.write("\n")
     os.replace(tmp, path)
     return path
+
+
+def finish(
+    name: str,
+    *,
+    benchmarks: dict[str, dict],
+    rounds: int,
+    started: float,
+    load_start: Sequence[float],
+    report: str,
+    output: str | None = None,
+    argv: Sequence[str] | None = None,
+) -> tuple[dict, str]:
+    """The end of a benchmark run: the result document (load average now, duration since ``started``, a
+    ``time.monotonic()`` value, argv = ``sys.argv[1:]`` unless given) written to bench/results/<name>.json
+    (or ``output``), then ``report`` (the run's tables, or its error), the load average and the path
+    printed. Returns (document, path)."""
+    load_end = load_average()
+    doc = result_document(
+        name,
+        rounds=rounds,
+        benchmarks=benchmarks,
+        timestamp=utc_timestamp(),
+        commit=git_commit(),
+        host=host_facts(),
+        load_average={"start": tuple(load_start), "end": load_end},
+        argv=sys.argv[1:] if argv is None else argv,
+        duration_s=round(time.monotonic() - started, 1),
+    )
+    path = write_result(doc, path=output)
+    print()
+    print(report)
+    print()
+    print("load average: start %s, end %s (%s CPUs)" % (tuple(load_start), load_end, doc["host"]["nproc"]))
+    print("results: %s" % path)
+    return doc, path
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
@@ -500,6 +537,87 @@ class LineReader:
             if line is None:
                 return out
             out.append(line)
+
+
+class Shell:
+    """A ``sh`` kept running inside a lab host or pod (``argv`` enters it, e.g. lab_exec_argv(prefix, host,
+    "sh")), so that each command costs a fork rather than a ``tools/lab exec`` start (about 0.5 s here).
+    Commands run one at a time; stop it with close() (the process Popen started, by PID)."""
+
+    MARK = "@@bench-shell-done"
+
+    def __init__(self, name: str, argv: list[str]):
+        self.name = name
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self._out = LineReader(self.proc.stdout)
+        self._err = LineReader(self.proc.stderr)
+
+    def _drain_errors(self, wait: float = 0.0) -> str:
+        lines = []
+        try:
+            while True:
+                line = self._err.next_line(wait)
+                if line is None:
+                    break
+                lines.append(line)
+        except TimeoutError:
+            pass
+        return "".join(lines)
+
+    def run(
+        self, argv: Sequence[str], what: str, timeout: float = 60, input: str | None = None, check: bool = True
+    ) -> str:
+        """The command's stdout; RuntimeError (with its stderr) when it exits non-zero (unless not
+        ``check``), TimeoutError (the shell is then stopped) when it does not finish in ``timeout`` s."""
+        self._drain_errors()
+        command = " ".join(shlex.quote(a) for a in argv)
+        if input is not None:
+            if "\n@@BENCH_EOF\n" in "\n" + input:
+                raise ValueError("input contains the here-document's end marker")
+            command += " <<'@@BENCH_EOF'\n%s%s@@BENCH_EOF" % (input, "" if input.endswith("\n") else "\n")
+        self.proc.stdin.write("%s\nrc=$?; echo; echo %s $rc\n" % (command, self.MARK))
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        lines: list[str] = []
+        try:
+            while True:
+                line = self._out.next_line(max(0.01, deadline - time.monotonic()))
+                if line is None:
+                    raise RuntimeError("%s: the shell in %s ended: %s" % (what, self.name, self._drain_errors(1)))
+                if line.startswith(self.MARK + " "):
+                    code = int(line.split()[1])
+                    break
+                lines.append(line)
+        except TimeoutError:
+            self.close()
+            raise TimeoutError("%s: no end within %gs in %s" % (what, timeout, self.name)) from None
+        if lines and lines[-1] == "\n":  # the echo before the mark
+            lines.pop()
+        out = "".join(lines)
+        if code != 0 and check:
+            raise RuntimeError(
+                "%s failed in %s (exit %d): %s\n%s%s"
+                % (what, self.name, code, command, out[-3000:], self._drain_errors(0.2))
+            )
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
 
 
 def lab_exec_argv(prefix: str, host: str, *command: str) -> list[str]:

@@ -469,24 +469,16 @@ def main(argv=None) -> int:
             traceback.print_exc()
             failed = True
         shutil.rmtree(workdir, ignore_errors=True)
-    load_end = benchlib.load_average()
-    doc = benchlib.result_document(
+    benchlib.finish(
         NAME,
-        rounds=args.rounds,
         benchmarks=benchmarks,
-        timestamp=benchlib.utc_timestamp(),
-        commit=benchlib.git_commit(),
-        host=benchlib.host_facts(),
-        load_average={"start": load_start, "end": load_end},
-        argv=sys.argv[1:] if argv is None else argv,
-        duration_s=round(time.monotonic() - started, 1),
+        rounds=args.rounds,
+        started=started,
+        load_start=load_start,
+        report=table(benchmarks),
+        output=args.output,
+        argv=argv,
     )
-    path = benchlib.write_result(doc, path=args.output)
-    print()
-    print(table(benchmarks))
-    print()
-    print("load average: start %s, end %s (%s CPUs)" % (load_start, load_end, doc["host"]["nproc"]))
-    print("results: %s" % path)
     return 1 if failed else 0
 
 

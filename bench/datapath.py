@@ -1049,27 +1049,17 @@ def main(argv=None) -> int:
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
                 failed = True
-    load_end = benchlib.load_average()
-    doc = benchlib.result_document(
+    names = [p.name for p in bench.paths]
+    benchlib.finish(
         NAME,
-        rounds=args.rounds,
         benchmarks={"datapath": section},
-        timestamp=benchlib.utc_timestamp(),
-        commit=benchlib.git_commit(),
-        host=benchlib.host_facts(),
-        load_average={"start": load_start, "end": load_end},
-        argv=sys.argv[1:] if argv is None else argv,
-        duration_s=round(time.monotonic() - started, 1),
+        rounds=args.rounds,
+        started=started,
+        load_start=load_start,
+        report=("FAILED: %s" % section["error"]) if "error" in section else report(section, names),
+        output=args.output,
+        argv=argv,
     )
-    path = benchlib.write_result(doc, path=args.output)
-    print()
-    if "error" in section:
-        print("FAILED: %s" % section["error"])
-    else:
-        print(report(section, [p.name for p in bench.paths]))
-    print()
-    print("load average: start %s, end %s (%s CPUs)" % (load_start, load_end, doc["host"]["nproc"]))
-    print("results: %s" % path)
     return 1 if failed else 0
 
 
