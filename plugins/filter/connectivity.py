@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.clustermesh.core.plugins.module_utils.probe import matrix
+from ansible_collections.clustermesh.core.plugins.module_utils.probe import matrix, service_line
 
 
 def connectivity_matrix(rows):
@@ -17,6 +17,13 @@ def connectivity_matrix(rows):
         raise AnsibleFilterError("connectivity_matrix: malformed rows: %s" % exc) from None
 
 
+def service_check_line(result):
+    try:
+        return service_line(result)
+    except (KeyError, TypeError) as exc:
+        raise AnsibleFilterError("service_check_line: malformed result: %s" % exc) from None
+
+
 class FilterModule:
     def filters(self):
-        return {"connectivity_matrix": connectivity_matrix}
+        return {"connectivity_matrix": connectivity_matrix, "service_check_line": service_check_line}

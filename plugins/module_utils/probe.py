@@ -26,6 +26,8 @@ import struct
 import threading
 import time
 
+from .bpf_maps import HAIRPIN_ADDRESS
+
 PROBE_PORT = 8080
 RUN_DIR = "/run/clustermesh/probe"
 CLONE_NEWNET = 0x40000000
@@ -299,6 +301,45 @@ def check_targets(targets, source_ip=None, netns=None, icmp_count=3, timeout=1.0
     return results
 
 
+def service_probe(service, source_ip=None, timeout=2.0):
+    """Many TCP connections to a ClusterIP: {name, ip, port, count, backends: {backend ip: answers},
+    failures, nat, missing, ok}. ``service`` is {name, ip, port, count, expect?}; ``expect`` lists the
+    backend IPs that must each answer at least once. Each echo reply names the backend's own address,
+    so the spread shows the load balancing; a client address other than ``source_ip`` is NAT."""
+    backends, failures, nat = {}, [], []
+    for _attempt in range(service["count"]):
+        result = tcp_probe(service["ip"], service["port"], timeout=timeout)
+        if not result["ok"]:
+            failures.append(result["detail"])
+            continue
+        reply = result["reply"]
+        backend = reply.get("ip") or "?"
+        backends[backend] = backends.get(backend, 0) + 1
+        # a pod that the service sends to itself (hairpin) is seen from the datapath's hairpin address
+        expected_client = HAIRPIN_ADDRESS if backend == source_ip else source_ip
+        if source_ip and reply.get("client") != expected_client:
+            nat.append(reply.get("client"))
+    missing = sorted(set(service.get("expect") or ()) - set(backends))
+    return {
+        "name": service["name"],
+        "ip": service["ip"],
+        "port": service["port"],
+        "count": service["count"],
+        "backends": backends,
+        "failures": failures,
+        "nat": sorted(set(nat)),
+        "missing": missing,
+        "ok": not failures and not nat and not missing,
+    }
+
+
+def check_services(services, source_ip=None, netns=None, timeout=2.0):
+    """:func:`service_probe` for each service, one after the other, from inside ``netns`` when given."""
+    if netns:
+        enter_netns(netns)
+    return [service_probe(service, source_ip, timeout) for service in services]
+
+
 # --- the report -----------------------------------------------------------------------------------
 
 
@@ -348,3 +389,19 @@ def matrix(rows):
     total = sum(len(r["results"]) for r in rows)
     lines.append("%d of %d paths ok" % (total - len(failures), total))
     return {"lines": lines, "failures": failures, "total": total, "passed": total - len(failures)}
+
+
+def service_line(result):
+    """One line for a :func:`service_probe` result (with ``client``): what the ClusterIP check saw."""
+    spread = " ".join("%s:%d" % (ip, n) for ip, n in sorted(result["backends"].items()))
+    head = "%s -> %s:%s (%s)" % (result.get("client", "?"), result["ip"], result["port"], result["name"])
+    if result["ok"]:
+        return "%s: ok, %d connections to %d backends: %s" % (head, result["count"], len(result["backends"]), spread)
+    problems = []
+    if result["failures"]:
+        problems.append("%d of %d failed (%s)" % (len(result["failures"]), result["count"], result["failures"][0]))
+    if result["missing"]:
+        problems.append("never answered: %s" % ", ".join(result["missing"]))
+    if result["nat"]:
+        problems.append("NAT: servers saw %s" % ", ".join(result["nat"]))
+    return "%s: FAIL %s; answered: %s" % (head, "; ".join(problems), spread or "none")

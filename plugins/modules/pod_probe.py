@@ -16,6 +16,10 @@ description:
     pod's own routes - ICMP echo (O(icmp_count) requests) and a TCP connection to the target's echo server.
     A target passes when both answer and the server saw the pod's own IP (O(source_ip)) as the client,
     that is, nothing NATed the traffic.
+  - With O(services), opens O(services[].count) TCP connections from the pod to each service's ClusterIP
+    (load-balanced by the node agent's datapath to echo servers); a service passes when every connection is
+    answered, no server saw another client address than O(source_ip), and every address in
+    O(services[].expect) answered at least once.
   - Checks never change anything; only starting or stopping the server reports C(changed).
   - Used by C(playbooks/connectivity.yml), which prints the matrix of every pod to every other pod.
 version_added: 0.1.0
@@ -68,6 +72,32 @@ options:
       port:
         description: The target's echo server port (default O(port)).
         type: int
+  services:
+    description: ClusterIPs to check from this pod (see the description).
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      name:
+        description: Name shown in the results (usually the service's cluster).
+        type: str
+        required: true
+      ip:
+        description: The ClusterIP.
+        type: str
+        required: true
+      port:
+        description: The service port (default O(port)).
+        type: int
+      count:
+        description: Connections to open.
+        type: int
+        default: 20
+      expect:
+        description: Backend addresses that must each answer at least once.
+        type: list
+        elements: str
+        default: []
   icmp_count:
     description: ICMP echo requests per target.
     type: int
@@ -93,6 +123,14 @@ EXAMPLES = r"""
     targets:
       - {name: c2-n1, ip: 10.2.0.2}
   register: probe
+
+- name: Check the cluster's ClusterIP of a global service reaches all four backends
+  clustermesh.core.pod_probe:
+    pod: cm-probe
+    netns: /run/netns/cm-probe
+    source_ip: 10.1.0.2
+    services:
+      - {name: cluster1, ip: 172.30.1.254, count: 40, expect: [10.1.0.2, 10.1.1.2, 10.2.0.2, 10.2.1.2]}
 """
 
 RETURN = r"""
@@ -128,12 +166,43 @@ results:
     nat:
       description: The server saw another address than O(source_ip).
       type: bool
+service_results:
+  description: One entry per service, in O(services) order.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    name:
+      description: The service's name.
+      type: str
+    ip:
+      description: The ClusterIP.
+      type: str
+    ok:
+      description: Every connection answered, no NAT, every expected backend answered.
+      type: bool
+    backends:
+      description: Backend address (as the echo server saw itself) -> number of answers.
+      type: dict
+    failures:
+      description: Why connections failed.
+      type: list
+      elements: str
+    missing:
+      description: Expected backends that never answered.
+      type: list
+      elements: str
+    nat:
+      description: Client addresses the servers saw other than O(source_ip).
+      type: list
+      elements: str
 """
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.clustermesh.core.plugins.module_utils.probe import (
     ProbeError,
+    check_services,
     check_targets,
     server_pid,
     start_server,
@@ -159,6 +228,18 @@ def main():
                     port=dict(type="int"),
                 ),
             ),
+            services=dict(
+                type="list",
+                elements="dict",
+                default=[],
+                options=dict(
+                    name=dict(type="str", required=True),
+                    ip=dict(type="str", required=True),
+                    port=dict(type="int"),
+                    count=dict(type="int", default=20),
+                    expect=dict(type="list", elements="str", default=[]),
+                ),
+            ),
             icmp_count=dict(type="int", default=3),
             timeout=dict(type="float", default=1.0),
         ),
@@ -178,9 +259,13 @@ def main():
                 stop_server(p["pod"])
         targets = [dict(t, port=t["port"] or p["port"]) for t in p["targets"]]
         results = check_targets(targets, p["source_ip"], p["netns"], p["icmp_count"], p["timeout"]) if targets else []
+        services = [dict(s, port=s["port"] or p["port"]) for s in p["services"]]
+        service_results = (
+            check_services(services, p["source_ip"], p["netns"], max(p["timeout"], 1.0) * 2) if services else []
+        )
     except ProbeError as exc:
         module.fail_json(msg=str(exc))
-    module.exit_json(changed=changed, server_pid=server_pid(p["pod"]), results=results)
+    module.exit_json(changed=changed, server_pid=server_pid(p["pod"]), results=results, service_results=service_results)
 
 
 if __name__ == "__main__":

@@ -86,3 +86,31 @@ def test_matrix_counts_and_names_every_failure():
     assert report["lines"][1].split()[1] == "-" and report["lines"][2].split()[2] == "-"
     assert any("a -> c" in f and "0/3 replies" in f for f in report["failures"])
     assert any("server saw source 198.18.1.12 instead of 10.1.1.2" in f for f in report["failures"])
+
+
+def test_service_probe_counts_backends_and_names_what_is_missing():
+    port = _echo_server()
+    service = {"name": "cluster1", "ip": "127.0.0.1", "port": port, "count": 5, "expect": ["127.0.0.1"]}
+    result = probe.service_probe(service, source_ip="127.0.0.1")
+    assert result["ok"] and result["backends"] == {"127.0.0.1": 5} and result["failures"] == []
+    assert "ok, 5 connections to 1 backends: 127.0.0.1:5" in probe.service_line(dict(result, client="c1-n1"))
+    missing = probe.service_probe(dict(service, expect=["127.0.0.1", "10.2.0.2"]), source_ip="127.0.0.1")
+    assert not missing["ok"] and missing["missing"] == ["10.2.0.2"]
+    assert "never answered: 10.2.0.2" in probe.service_line(missing)
+
+
+def test_service_probe_flags_nat_but_not_hairpin():
+    port = _echo_server()
+    service = {"name": "cluster1", "ip": "127.0.0.1", "port": port, "count": 2}
+    natted = probe.service_probe(service, source_ip="10.1.0.2")  # the server sees 127.0.0.1
+    assert not natted["ok"] and natted["nat"] == ["127.0.0.1"]
+    assert "NAT: servers saw 127.0.0.1" in probe.service_line(natted)
+
+
+def test_service_probe_reports_refused_connections():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = probe.service_probe({"name": "c", "ip": "127.0.0.1", "port": port, "count": 3})
+    assert not result["ok"] and len(result["failures"]) == 3
+    assert "3 of 3 failed" in probe.service_line(result)
