@@ -91,10 +91,10 @@ def test_matrix_counts_and_names_every_failure():
 def test_service_probe_counts_backends_and_names_what_is_missing():
     port = _echo_server()
     service = {"name": "cluster1", "ip": "127.0.0.1", "port": port, "count": 5, "expect": ["127.0.0.1"]}
-    result = probe.service_probe(service, source_ip="127.0.0.1")
+    result = probe.service_probe(service)
     assert result["ok"] and result["backends"] == {"127.0.0.1": 5} and result["failures"] == []
     assert "ok, 5 connections to 1 backends: 127.0.0.1:5" in probe.service_line(dict(result, client="c1-n1"))
-    missing = probe.service_probe(dict(service, expect=["127.0.0.1", "10.2.0.2"]), source_ip="127.0.0.1")
+    missing = probe.service_probe(dict(service, expect=["127.0.0.1", "10.2.0.2"]))
     assert not missing["ok"] and missing["missing"] == ["10.2.0.2"]
     assert "never answered: 10.2.0.2" in probe.service_line(missing)
 
@@ -105,6 +105,9 @@ def test_service_probe_flags_nat_but_not_hairpin():
     natted = probe.service_probe(service, source_ip="10.1.0.2")  # the server sees 127.0.0.1
     assert not natted["ok"] and natted["nat"] == ["127.0.0.1"]
     assert "NAT: servers saw 127.0.0.1" in probe.service_line(natted)
+    # the backend is the client itself: the server must see the hairpin address, not the pod IP
+    hairpin = probe.service_probe(service, source_ip="127.0.0.1")
+    assert hairpin["nat"] == ["127.0.0.1"]
 
 
 def test_service_probe_reports_refused_connections():
