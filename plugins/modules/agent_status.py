@@ -13,11 +13,12 @@ description:
     C(/v1/endpoints)) and returns the answers, the same data C(meshctl status|clusters|services|endpoints)
     prints.
   - With O(wait_synced=true) it waits until the agent reports C(synced) - the initial sync of the local
-    kvstore and of every remote cluster is done and the BPF maps are written - and fails after O(timeout)
+    kvstore and of every remote cluster is done (a remote cluster that does not sync within the agent's
+    C(initial_sync_timeout) does not hold it back) and the BPF maps are written - and fails after O(timeout)
     seconds naming what is not synced yet (which remote clusters, connected or not, and their last error).
     While waiting, a socket that is not there yet (the agent is starting) is retried.
   - Without O(wait_synced) a missing socket fails at once (the agent is not running).
-  - Read-only - it never changes anything (RV(changed) is always false), so check mode runs it the same way.
+  - Read-only - it never changes anything (C(changed) is always false), so check mode runs it the same way.
 version_added: 0.1.0
 author:
   - clustermesh.core developers (@clustermesh)
