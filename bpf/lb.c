@@ -187,7 +187,7 @@ SEC("tc/from_pod")
 int from_pod(struct __sk_buff *skb)
 {
 	struct cm_ct_key ckey = {}, rkey = {};
-	struct cm_ct_value cval = {}, *ct;
+	struct cm_ct_value cval = {}, *ct, *rct;
 	struct cm_lb_service *svc;
 	struct cm_lb_backend *be = NULL;
 	struct cm_lb_key skey = {};
@@ -237,13 +237,17 @@ int from_pod(struct __sk_buff *skb)
 	rkey.dport = be_port;
 	rkey.proto = f.proto;
 	rkey.direction = CM_CT_REPLY;
-	if (!ct || !bpf_map_lookup_elem(&cm_ct, &rkey)) {
+	/* The reply entry is keyed by client and backend only: a client port reused towards another
+	 * service with the same backend leaves an entry that reverse-NATs to the wrong ClusterIP.
+	 * Both entries must name this service and this backend, or they are written again. */
+	rct = bpf_map_lookup_elem(&cm_ct, &rkey);
+	if (!ct || ct->rev_nat_index != svc->rev_nat_index || !rct ||
+	    rct->rev_nat_index != svc->rev_nat_index || rct->backend_id != backend_id) {
 		cval.backend_id = backend_id;
 		cval.rev_nat_index = svc->rev_nat_index;
 		cval.flags = hairpin ? CM_CT_F_HAIRPIN : 0;
 		cval.created_ns = bpf_ktime_get_ns();
-		if (!ct)
-			bpf_map_update_elem(&cm_ct, &ckey, &cval, BPF_ANY);
+		bpf_map_update_elem(&cm_ct, &ckey, &cval, BPF_ANY);
 		bpf_map_update_elem(&cm_ct, &rkey, &cval, BPF_ANY);
 	}
 

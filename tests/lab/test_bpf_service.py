@@ -291,6 +291,45 @@ def test_hairpin_a_backend_reaches_the_service_and_is_chosen_itself(datapath):
     assert names == {"backend-a", "backend-b"}
 
 
+# one source port, three connections: VIP, VIP_HAIRPIN, VIP again (closed with RST: no TIME_WAIT)
+SAME_PORT_CLIENT = """
+import json, socket, struct, sys
+port = int(sys.argv[1])
+out = []
+for vip in sys.argv[2:]:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.settimeout(3)
+    s.bind(("0.0.0.0", port))
+    try:
+        s.connect((vip, 80))
+        s.sendall(b"hi\\n")
+        out.append([vip, s.makefile().readline().split()[0], s.getpeername()[0]])
+    except OSError as exc:
+        out.append([vip, "error", str(exc)])
+    s.close()
+print(json.dumps(out))
+"""
+
+
+def test_a_client_port_reused_towards_another_service_with_the_same_backend(datapath):
+    """The reply conntrack entry is keyed by client and backend: the last service used from that client
+    port must own it, or replies are reverse-NATed to the other service's ClusterIP (a lost connection)."""
+    pods = datapath["pods"]
+    slots = maps_in_host(
+        "print(json.dumps([bpf_maps.backend_slot(%r, %r, p, 80, 'tcp', 2) for p in range(40000, 40100)]))"
+        % (pods["client"]["ip"], VIP)
+    )
+    port = 40000 + slots.index(1)  # VIP sends this port to backend-a, as VIP_HAIRPIN does
+    out = pod_exec("client", PYTHON, "-c", SAME_PORT_CLIENT, str(port), VIP, VIP_HAIRPIN, VIP).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [
+        [VIP, "backend-a", VIP],
+        [VIP_HAIRPIN, "backend-a", VIP_HAIRPIN],
+        [VIP, "backend-a", VIP],
+    ]
+
+
 def test_reattach_replaces_the_programs_and_keeps_the_maps_detach_removes_them(datapath):
     veth = datapath["pods"]["client"]["veth"]
     before = datapath["prog_ids"][veth]
