@@ -452,7 +452,9 @@ class Meshd:
                         self._publish_slices(client, lease, targets)
                         self._housekeeping_version = version
                     self._lead(client, lease)
-                    if not self._canaries_written and self._initial_sync_done():
+                    # after the local sync only: a cluster waiting for the others' canaries before writing
+                    # its own would make every agent of a new mesh wait for initial_sync_timeout
+                    if not self._canaries_written and self.connected and not self._pending:
                         self._write_canaries(client)
                 except KVStoreError as exc:
                     log.warning("local kvstore: %s", exc)

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from .labtools import LAB, PYTHON, REPO_ROOT, lab, playbook, python_in, run_in
+from .labtools import LAB, PYTHON, REPO_ROOT, inventory_path, lab, playbook, python_in, run_in
 
 pytestmark = pytest.mark.lab
 if os.geteuid() != 0:
@@ -153,7 +153,7 @@ def agent_status(host):
     proc = run_in(PREFIX, host, "/var/lib/clustermesh/agent/bin/meshctl", "status", "--json", check=False)
     if proc.returncode != 0:
         return None
-    return json.loads(proc.stdout)["status"]
+    return json.loads(proc.stdout)
 
 
 def server_python(host, code):
@@ -176,6 +176,9 @@ def stop_backend(host):
 # --- the mesh ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mesh():
+    if os.environ.get("CLUSTERMESH_TEST_REUSE_LAB") and os.path.exists(inventory_path(PREFIX)):
+        yield  # a developer's shortcut: the lab of a previous run, kept (nothing is set up or removed)
+        return
     lab("down", prefix=PREFIX, check=False)
     lab("up", prefix=PREFIX)
     try:
@@ -191,7 +194,8 @@ def mesh():
             wait_for(lambda host=host, want=want: service_map(host) == want, 30, f"{host}'s maps to list 4 backends")
         yield
     finally:
-        lab("down", prefix=PREFIX, check=False)
+        if not os.environ.get("CLUSTERMESH_TEST_KEEP_LAB"):
+            lab("down", prefix=PREFIX, check=False)
 
 
 # --- the scenarios ----------------------------------------------------------------------------------
@@ -208,12 +212,12 @@ def test_agent_reports_the_mesh(mesh):
     status = agent_status("c1-n1")
     assert status["synced"] is True
     assert status["clusters"]["cluster2"]["connected"] is True
-    services = meshctl("c1-n1", "services")["services"]
+    services = meshctl("c1-n1", "services")
     (row,) = [r for r in services if r["name"] == "rebel-base"]
     assert {b["cluster"] for b in row["backends"]} == {"cluster1", "cluster2"}
-    endpoints = meshctl("c1-n1", "endpoints")["endpoints"]
+    endpoints = meshctl("c1-n1", "endpoints")
     assert all(e["identity"] for e in endpoints), endpoints
-    identities = meshctl("c1-n1", "identities")["identities"]
+    identities = meshctl("c1-n1", "identities")
     assert {i["cluster"] for i in identities} == {"cluster1", "cluster2"}
 
 
@@ -336,7 +340,7 @@ def test_a_hand_written_cluster_service_is_honoured_and_a_malformed_one_skipped(
         host, pod = XWING["cluster1"]
         answer = python_in(PREFIX, host, requests_code(pod, "172.30.1.20", 60))
         assert answer["failures"] == [] and CLUSTER_BACKENDS["cluster2"] <= servers(answer), answer
-        clusters = {row["name"]: row for row in meshctl("c1-n1", "clusters")["clusters"]}
+        clusters = {row["name"]: row for row in meshctl("c1-n1", "clusters")}
         rejected = [r for r in clusters["cluster2"]["last_rejections"] if r["key"] == bad_key]
         assert rejected, clusters["cluster2"]
         metrics = run_in(PREFIX, "c1-n1", PYTHON, "-c", METRICS).stdout

@@ -46,8 +46,10 @@ def build(lab, topo):
     children = {
         "lab": {
             "hosts": {h.name: host_vars(lab, h) for h in topo.hosts},
-            # /opt is the machine's own in lab hosts (only /etc, /var/lib, /var/log are per host)
-            "vars": {"lab_prefix": lab.prefix, "cni_bin_dir": LAB_CNI_BIN_DIR},
+            # /opt is the machine's own in lab hosts (only /etc, /var/lib, /var/log are per host);
+            # lab hosts cannot reach a package index and run the repository's .venv Python, which has
+            # requirements/node.txt: the agent runs with it instead of a virtualenv of its own
+            "vars": {"lab_prefix": lab.prefix, "cni_bin_dir": LAB_CNI_BIN_DIR, "agent_venv_create": False},
         }
     }
     if clusters:
