@@ -19,7 +19,7 @@ difference into the BPF maps.  Thread-safe: callbacks come from several watcher 
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -39,6 +39,14 @@ from .services import (
 )
 
 ServiceKey = tuple[str, str]
+
+
+def _packed(ip: str) -> bytes:
+    """The address's bytes (what ``ipaddress.ip_address(ip).packed`` gives, without its cost)."""
+    try:
+        return socket.inet_pton(socket.AF_INET, ip)
+    except OSError:
+        return socket.inet_pton(socket.AF_INET6, ip)
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,8 @@ class MeshState:
         self.endpoints: dict[tuple[str, str], dict[str, Any]] = {}  # this node's, from the agent API
         self.health: dict[Target, bool] = {}
         self._merged: dict[ServiceKey, Any] = {}
+        self._exports: dict[ServiceKey, ClusterService | None] = {}  # exports() per service, while valid
+        self._exports_stale: set[ServiceKey] = set()  # declaration or slices changed since exports() ran
         self.conflicts: dict[ServiceKey, str] = {}  # services left out of the maps, and why
         self._frontends: dict[ServiceKey, list[FrontendSpec]] = {}
         self._dirty_services: set[ServiceKey] = set()
@@ -153,11 +163,13 @@ class MeshState:
         with self._lock:
             key = (decl.namespace, decl.name)
             self.declarations[key] = decl
+            self._exports_stale.add(key)
             self._mark(key)
 
     def delete_declaration(self, namespace: str, name: str) -> None:
         with self._lock:
             if self.declarations.pop((namespace, name), None) is not None:
+                self._exports_stale.add((namespace, name))
                 self._mark((namespace, name))
 
     def put_slice(self, namespace: str, name: str, node: str, ips: Iterable[str] | None) -> None:
@@ -173,6 +185,7 @@ class MeshState:
             if not per:
                 self.slices.pop(key, None)
             if per.get(node) != old:
+                self._exports_stale.add(key)
                 self._mark(key)
 
     def put_endpoint(self, endpoint: dict[str, Any]) -> None:
@@ -217,25 +230,35 @@ class MeshState:
             return out
 
     def node_slices(self) -> dict[ServiceKey, tuple[str, ...]]:
-        """Per declared service: this node's backends whose health check passes (sorted)."""
+        """Per declared service that selects at least one of this node's endpoints: those whose health
+        check passes (sorted; maybe none). A service that selects none of them has no slice of this
+        node: an absent slice means no backends, as an empty one does, and a node without backends
+        of a service publishes nothing for it (no key per node and service)."""
         with self._lock:
             return {
                 key: tuple(ip for ip, target in targets.items() if self.health.get(target))
                 for key, targets in self.health_targets().items()
+                if targets
             }
 
     def cluster_backends(self, key: ServiceKey) -> list[str]:
         per = self.slices.get(key, {})
-        return sorted({ip for ips in per.values() for ip in ips}, key=lambda ip: ipaddress.ip_address(ip).packed)
+        return sorted({ip for ips in per.values() for ip in ips}, key=_packed)
 
     def exports(self) -> dict[ServiceKey, ClusterService | None]:
         """What the cluster's service-export leader publishes: per declared service its ClusterService,
-        or None (not exported: the key must not exist)."""
+        or None (not exported: the key must not exist). Built again only for the services whose
+        declaration or slices changed since the last call (remote changes do not touch it)."""
         with self._lock:
-            return {
-                key: exported_cluster_service(decl, self.cluster, self.cluster_id, self.cluster_backends(key))
-                for key, decl in self.declarations.items()
-            }
+            for key in self._exports_stale:
+                decl = self.declarations.get(key)
+                if decl is None:
+                    self._exports.pop(key, None)
+                else:
+                    backends = self.cluster_backends(key)
+                    self._exports[key] = exported_cluster_service(decl, self.cluster, self.cluster_id, backends)
+            self._exports_stale.clear()
+            return dict(self._exports)
 
     # -- what goes into the maps ------------------------------------------------------------
     def frontends(self, dirty: Iterable[ServiceKey]) -> list[FrontendSpec]:

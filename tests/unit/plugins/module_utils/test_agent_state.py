@@ -108,6 +108,45 @@ def test_exports_follow_global_and_shared():
     assert state.exports() == {("default", "rebel-base"): None}
 
 
+def test_exports_follow_slices_and_declarations_but_not_remote_services():
+    state, svc = mesh()
+    first = state.exports()[("default", "rebel-base")]
+    state.apply_cluster_change("cluster2", KIND_SERVICE, "k", svc, remote_service(ips=("10.2.9.9",)))
+    assert state.exports()[("default", "rebel-base")] is first  # a remote change does not rebuild it
+    state.put_slice("default", "rebel-base", "c1-n2", ["10.1.1.2", "10.1.1.10", "10.1.1.9"])
+    exported = state.exports()[("default", "rebel-base")]
+    assert list(exported.backends) == ["10.1.0.2", "10.1.1.2", "10.1.1.9", "10.1.1.10"]
+    state.put_slice("default", "rebel-base", "c1-n1", None)
+    state.put_slice("default", "rebel-base", "c1-n2", None)
+    assert dict(state.exports()[("default", "rebel-base")].backends) == {}
+    state.put_declaration(declaration(name="other", cluster_ip="172.30.1.11"))
+    state.delete_declaration("default", "rebel-base")
+    assert list(state.exports()) == [("default", "other")]
+
+
+def test_cluster_backends_are_in_address_order():
+    state, _svc = mesh()
+    state.put_slice("default", "rebel-base", "c1-n1", ["10.1.0.100", "10.1.0.9", "fd00::2", "10.1.0.10"])
+    state.put_slice("default", "rebel-base", "c1-n2", ["fd00::10", "10.1.0.9"])
+    assert state.cluster_backends(("default", "rebel-base")) == [
+        "10.1.0.9",
+        "10.1.0.10",
+        "10.1.0.100",
+        "fd00::2",
+        "fd00::10",
+    ]
+
+
+def test_a_node_publishes_no_slice_for_a_service_that_selects_none_of_its_endpoints():
+    state, _svc = mesh()
+    state.put_declaration(declaration(name="other", cluster_ip="172.30.1.11"))
+    assert state.node_slices() == {}  # no endpoint on this node yet: nothing to publish
+    state.put_endpoint({"containerID": "b", "ifname": "eth0", "ip": "10.1.0.3", "labels": {"name": "x-wing"}})
+    assert state.node_slices() == {}
+    state.put_endpoint({"containerID": "a", "ifname": "eth0", "ip": "10.1.0.2", "labels": {"name": "rebel-base"}})
+    assert state.node_slices() == {("default", "rebel-base"): (), ("default", "other"): ()}  # selected, unprobed
+
+
 def test_health_targets_and_node_slice_come_from_this_nodes_endpoints():
     state, _svc = mesh()
     state.put_endpoint({"containerID": "a", "ifname": "eth0", "ip": "10.1.0.2", "labels": {"name": "rebel-base"}})
