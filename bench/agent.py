@@ -1,4 +1,4 @@
-"""Node agent (meshd) benchmarks (issue 5), on a lab of prefix ``cmba``; about 2 minutes.
+"""Node agent (meshd) benchmarks (issue 5), on a lab of prefix ``cmba``; about 2 to 3 minutes.
 
     python bench/agent.py [--rounds N] [--changes N] [--services N] [--scale-changes N]
                           [--only convergence|scale] [--profile DIR] [--output PATH]
