@@ -283,6 +283,9 @@ class Meshd:
         else:
             changes = [(kv.key, kv.value) for kv in update.snapshot]
         if prefix == layout.STATE_PREFIX:
+            # this cluster's own ClusterServices: the agents derive them from the slices, never read them
+            own_services = layout.services_prefix(self.config.cluster_name)
+            changes = [(key, value) for key, value in changes if not key.startswith(own_services)]
             if update.kind == UPDATE_EVENTS:
                 for key, value in changes:
                     if value is None:
@@ -441,14 +444,22 @@ class Meshd:
             self._wake_housekeeping.clear()
             if self._stop.is_set():
                 return
+            # first: the maps wait for this, publishing below may take long (thousands of services)
+            if not self.synced.is_set() and self._initial_sync_done():
+                self.synced.set()
+                self.state.mark_all()
+                log.info("initial sync done in %.2f s", time.time() - self.started)
             client, lease = self.client, self.lease
             version = self.state.version
-            if version != self._housekeeping_version or self._unprobed:
+            changed = version != self._housekeeping_version or self._unprobed
+            if changed:
                 targets = self.state.health_targets()
                 self.health.set_targets({t for per in targets.values() for t in per.values()})
             if client is not None and lease is not None and self.local_listed.is_set():
                 try:
-                    if version != self._housekeeping_version or self._unprobed:
+                    # endpoints reloaded at start are published first: a slice without them would take
+                    # their backends away from every node of the cluster for a moment
+                    if changed and not self._pending:
                         self._publish_slices(client, lease, targets)
                         self._housekeeping_version = version
                     self._lead(client, lease)
@@ -459,10 +470,6 @@ class Meshd:
                 except KVStoreError as exc:
                     log.warning("local kvstore: %s", exc)
                     self._failure(self.config.cluster_name, "other")
-            if not self.synced.is_set() and self._initial_sync_done():
-                self.synced.set()
-                self.state.mark_all()
-                log.info("initial sync done in %.2f s", time.time() - self.started)
             self._refresh_metrics()
 
     def _publish_slices(self, client, lease, targets) -> None:

@@ -360,7 +360,7 @@ def test_inventory_groups_and_vars():
         "lab_segment": "dc2",
     }
     # lab hosts share the machine's /opt: the CNI plugin goes below the per-host /var/lib
-    assert inv["lab"]["vars"] == {"lab_prefix": "cmt", "cni_bin_dir": "/var/lib/cni/bin"}
+    assert inv["lab"]["vars"] == {"lab_prefix": "cmt", "cni_bin_dir": "/var/lib/cni/bin", "agent_venv_create": False}
     clusters = inv["clusters"]["children"]
     assert list(clusters["cluster1"]["hosts"]) == ["c1-n1", "c1-n2"]
     assert clusters["cluster2"]["vars"] == {
