@@ -284,8 +284,8 @@ class _RawMap:
         if not pairs:
             return
         if self.batch["update"]:
-            keys = ctypes.create_string_buffer(b"".join(k for k, _ in pairs), self.key_size * len(pairs))
-            values = ctypes.create_string_buffer(b"".join(v for _, v in pairs), self.value_size * len(pairs))
+            keys = ctypes.create_string_buffer(b"".join(k for k, _value in pairs), self.key_size * len(pairs))
+            values = ctypes.create_string_buffer(b"".join(v for _key, v in pairs), self.value_size * len(pairs))
             err, n = _batch(_BPF_MAP_UPDATE_BATCH, self.fd, keys, values, len(pairs))
             if not err:
                 return
@@ -789,7 +789,7 @@ class DatapathSync:
     def _new_backend_id(self, st: _State, plan: _Plan) -> int:
         candidate = plan.next_be
         taken = plan.be_writes
-        for _ in range(len(st.be) + len(st.refs) + len(taken) + 1):
+        for _attempt in range(len(st.be) + len(st.refs) + len(taken) + 1):
             if candidate not in st.be and candidate not in taken and candidate not in st.refs:
                 plan.next_be = _wrap(candidate + 1, MAX_BACKEND_ID)
                 return candidate
@@ -799,7 +799,7 @@ class DatapathSync:
     def _new_rev_nat(self, st: _State, plan: _Plan) -> int:
         limit = self.max_rev_nat_index
         candidate = plan.next_rn
-        for _ in range(limit):
+        for _attempt in range(limit):
             if (
                 candidate not in st.rn
                 and candidate not in st.rn_held
@@ -915,7 +915,7 @@ class DatapathSync:
                 f"{IPCACHE_MAP} would hold {len(desired)} entries, more than its {limit} (max_entries); "
                 "nothing was written"
             )
-        added = sum(1 for k, _ in writes if k not in st.ipc)
+        added = sum(1 for k, _value in writes if k not in st.ipc)
         try:
             if len(st.ipc) + added > limit:  # no room for old and new together: delete first
                 self._ipc.delete_many(deletes)
@@ -955,7 +955,7 @@ def describe_services(maps) -> dict[tuple[str, int, str], list[tuple[str, int]]]
     truth" checks."""
     svc = _access(maps.service, bpf_maps.SERVICE_MAP).read_all()
     backends = {_BE_KEY.unpack(k)[0]: v for k, v in _access(maps.backend, bpf_maps.BACKEND_MAP).read_all()}
-    slots = {k: v for k, v in svc}
+    slots = dict(svc)
     out = {}
     for key, value in svc:
         slot = _SVC_KEY_TAIL.unpack_from(key, 6)[0]
