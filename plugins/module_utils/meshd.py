@@ -545,6 +545,7 @@ class Meshd:
     # reconcile: mesh state -> BPF maps
     # ------------------------------------------------------------------------------------
     def _reconcile_loop(self) -> None:
+        trimmed = False
         while not self._stop.is_set():
             if not self.synced.is_set():
                 self._stop.wait(TICK / 2)
@@ -580,6 +581,9 @@ class Meshd:
             }
             if self.metrics is not None:
                 self.metrics.observe_reconcile(elapsed)
+            if not trimmed:
+                trimmed = True
+                _release_free_memory()  # the initial listings and the first plan are garbage now
 
     # ------------------------------------------------------------------------------------
     # metrics and status
@@ -677,6 +681,20 @@ class Meshd:
 
         api.route("GET", API_PREFIX + "/endpoints", endpoints)
         return api
+
+
+def _release_free_memory() -> None:
+    """Give the heap's free pages back to the kernel (glibc keeps them after a burst of allocations:
+    at 5,000 services the initial sync leaves tens of MB of free heap in the process)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 # ----------------------------------------------------------------------------------------
