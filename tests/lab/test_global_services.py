@@ -219,6 +219,27 @@ def test_agent_reports_the_mesh(mesh):
     assert all(e["identity"] for e in endpoints), endpoints
     identities = meshctl("c1-n1", "identities")
     assert {i["cluster"] for i in identities} == {"cluster1", "cluster2"}
+    # what the agents wrote into cluster1's kvstore, in Cilium's layout
+    written = python_in(PREFIX, "c1-n1", kvstore_code(KVSTORE_SUMMARY))
+    assert written["nodes"] == {"c1-n1": True, "c1-n2": True}, written  # each under its agent's lease
+    assert written["heartbeat_age_s"] < 30, written
+    assert written["synced"] and all(key.startswith("cilium/synced/cluster1/") for key in written["synced"]), written
+    ips = pod_ips()
+    assert written["ipcache"][ips["rb-c1a"]]["ID"] >= 65536 and written["ipcache"][ips["rb-c1a"]]["ID"] < 131072
+    assert set(written["services"]) == {"cilium/state/services/v1/cluster1/default/rebel-base"}
+
+
+KVSTORE_SUMMARY = """
+import datetime, json
+from ansible_collections.clustermesh.core.plugins.module_utils import kvstore_layout as layout
+nodes = {kv.key.rsplit("/", 1)[1]: kv.lease != 0 for kv in client.get_prefix(layout.nodes_prefix("cluster1"))}
+beat = layout.decode_timestamp(client.get(layout.HEARTBEAT_KEY).value)
+age = (datetime.datetime.now(datetime.timezone.utc) - beat).total_seconds()
+synced = [kv.key for kv in client.get_prefix("cilium/synced/cluster1/")]
+ipcache = {kv.key.rsplit("/", 1)[1]: json.loads(kv.value) for kv in client.get_prefix(layout.ip_prefix())}
+services = [kv.key for kv in client.get_prefix(layout.services_prefix("cluster1"))]
+print(json.dumps({"nodes": nodes, "heartbeat_age_s": age, "synced": synced, "ipcache": ipcache, "services": services}))
+"""
 
 
 def test_affinity_local_fails_over_to_the_remote_cluster_and_back(mesh):
