@@ -85,14 +85,14 @@ class CapacityError(RuntimeError):
 # --- desired state -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BackendSpec:
     ip: str
     port: int
     cluster_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FrontendSpec:
     """A ClusterIP:port/protocol and the backends (in slot order) it load-balances to."""
 
@@ -103,7 +103,7 @@ class FrontendSpec:
     flags: int = 0  # bpf_maps.SVC_F_*
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IPCacheSpec:
     prefix: str  # "10.1.0.5/32"
     identity: int

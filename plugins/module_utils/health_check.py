@@ -71,7 +71,7 @@ def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Target:
     """One thing to check: ``ip:port`` by TCP connect or HTTP GET ``path``, with its timing and thresholds.
 

@@ -197,7 +197,7 @@ def _cidr(value: Any, where: str, version: int) -> str | None:
 # --- identity labels ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Label:
     """One Cilium label: ``source:key=value``."""
 
@@ -313,7 +313,7 @@ def identity_label_string(cluster: str, labels: Mapping[str, str] | None) -> str
     return build_label_string(identity_labels(cluster, labels))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Identity:
     id: int
     labels: tuple[Label, ...]
@@ -357,13 +357,13 @@ def decode_identity(
 # --- node record -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodeAddress:
     type: str
     ip: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodeRecord:
     """Cilium's ``nodeTypes.Node`` (the fields this project uses; the rest are written as zero values)."""
 
@@ -547,7 +547,7 @@ def decode_node(
 # --- ipcache entry -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IPCacheEntry:
     """Cilium's ``identity.IPIdentityPair``: an endpoint IP (or prefix) -> identity and tunnel endpoint."""
 
@@ -681,7 +681,7 @@ KIND_IDENTITY = "identity"
 KIND_SERVICE = "service"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemoteValue:
     kind: str  # KIND_NODE / KIND_IPCACHE / KIND_IDENTITY / KIND_SERVICE
     key: str

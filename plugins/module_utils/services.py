@@ -93,7 +93,7 @@ def _is_int(value: Any) -> bool:
 # --- annotations -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServiceOptions:
     """What the annotations of a service say: global, shared and affinity."""
 
@@ -220,7 +220,7 @@ def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> 
 # --- ports and addresses -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class L4Addr:
     """Cilium's loadbalancer.L4Addr: ``{"Protocol": "TCP", "Port": 80}``."""
 
@@ -251,7 +251,7 @@ def _parse_ip(value: Any, where: str) -> str:
 # --- declarations --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     name: str  # "" only when the service has a single port
     port: int
@@ -263,7 +263,7 @@ class ServicePort:
         return self.target_port or self.port
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HealthCheck:
     type: str = "tcp"
     port: int | None = None  # None: the target port of the first service port
@@ -274,7 +274,7 @@ class HealthCheck:
     unhealthy_threshold: int = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServiceDeclaration:
     """A service declared in a cluster's kvstore (the Kubernetes Service of clusters without Kubernetes)."""
 
@@ -510,7 +510,7 @@ def decode_declaration(
 PortConfiguration = Mapping[str, L4Addr]  # port name -> L4Addr
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClusterService:
     cluster: str
     namespace: str
@@ -573,8 +573,19 @@ def _decode_port_configuration(value: Any, where: str) -> dict[str, L4Addr]:
         reason = _port_error(addr.get("Port"))
         if reason:
             raise _fail(f"{at}.Port", reason)
-        result[port_name] = L4Addr(protocol, addr["Port"])
+        result[port_name] = _l4addr(protocol, addr["Port"])
     return result
+
+
+_L4ADDRS: dict[tuple[str, int], L4Addr] = {}
+
+
+def _l4addr(protocol: str, port: int) -> L4Addr:
+    """One shared (immutable) L4Addr per protocol and port: thousands of backends name the same few."""
+    found = _L4ADDRS.get((protocol, port))
+    if found is None:
+        found = _L4ADDRS.setdefault((protocol, port), L4Addr(protocol, port))
+    return found
 
 
 def _decode_addresses(value: Any, where: str) -> dict[str, dict[str, L4Addr]]:
@@ -583,11 +594,13 @@ def _decode_addresses(value: Any, where: str) -> dict[str, dict[str, L4Addr]]:
     if not isinstance(value, dict):
         raise _fail(where, f"must be an object of IP -> ports, got {type(value).__name__}")
     result: dict[str, dict[str, L4Addr]] = {}
+    shared: dict[tuple, dict[str, L4Addr]] = {}  # backends of a service mostly have the same ports: one dict
     for ip_text, ports in value.items():
         ip = _parse_ip(ip_text, where)
         if ip in result:
             raise _fail(where, f"{ip_text!r} repeats the address {ip!r}")
-        result[ip] = _decode_port_configuration(ports, f"{where}[{ip_text!r}]")
+        decoded = _decode_port_configuration(ports, f"{where}[{ip_text!r}]")
+        result[ip] = shared.setdefault(tuple(sorted(decoded.items())), decoded)
     return result
 
 
@@ -659,7 +672,7 @@ def decode_cluster_service(
 # --- from a declaration and endpoints to a ClusterService ----------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """A local endpoint (pod): its IP and labels."""
 
@@ -688,7 +701,7 @@ def build_cluster_service(
         namespace=decl.namespace,
         name=decl.name,
         frontends={decl.cluster_ip: frontend_ports},
-        backends={str(ipaddress.ip_address(ip)): dict(backend_ports) for ip in backend_ips},
+        backends={str(ipaddress.ip_address(ip)): backend_ports for ip in backend_ips},  # one dict, read only
         labels={},
         selector=dict(decl.selector),
         include_external=decl.options.global_,
@@ -710,14 +723,14 @@ def exported_cluster_service(
 # --- the merge ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Backend:
     ip: str
     port: int
     cluster: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MergedFrontend:
     ip: str
     port: int
@@ -726,7 +739,7 @@ class MergedFrontend:
     backends: tuple[Backend, ...]  # what the datapath load-balances to, sorted
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MergedService:
     namespace: str
     name: str
