@@ -73,8 +73,7 @@ class MeshState:
         self.endpoints: dict[tuple[str, str], dict[str, Any]] = {}  # this node's, from the agent API
         self.health: dict[Target, bool] = {}
         self._merged: dict[ServiceKey, Any] = {}
-        self._exports: dict[ServiceKey, ClusterService | None] = {}  # exports() per service, while valid
-        self._exports_stale: set[ServiceKey] = set()  # declaration or slices changed since exports() ran
+        self._exports_stale: set[ServiceKey] = set()  # declaration or slices changed: see take_export_changes
         self.conflicts: dict[ServiceKey, str] = {}  # services left out of the maps, and why
         self._frontends: dict[ServiceKey, list[FrontendSpec]] = {}
         self._dirty_services: set[ServiceKey] = set()
@@ -245,20 +244,27 @@ class MeshState:
         per = self.slices.get(key, {})
         return sorted({ip for ips in per.values() for ip in ips}, key=_packed)
 
-    def exports(self) -> dict[ServiceKey, ClusterService | None]:
-        """What the cluster's service-export leader publishes: per declared service its ClusterService,
-        or None (not exported: the key must not exist). Built again only for the services whose
-        declaration or slices changed since the last call (remote changes do not touch it)."""
+    def exports(self, keys: Iterable[ServiceKey] | None = None) -> dict[ServiceKey, ClusterService | None]:
+        """What the cluster's service-export leader publishes for ``keys`` (default: every declared
+        service): its ClusterService, or None (not exported or not declared: the key must not exist)."""
         with self._lock:
-            for key in self._exports_stale:
+            keys = list(self.declarations) if keys is None else keys
+            out: dict[ServiceKey, ClusterService | None] = {}
+            for key in keys:
                 decl = self.declarations.get(key)
-                if decl is None:
-                    self._exports.pop(key, None)
-                else:
-                    backends = self.cluster_backends(key)
-                    self._exports[key] = exported_cluster_service(decl, self.cluster, self.cluster_id, backends)
-            self._exports_stale.clear()
-            return dict(self._exports)
+                out[key] = (
+                    None
+                    if decl is None
+                    else exported_cluster_service(decl, self.cluster, self.cluster_id, self.cluster_backends(key))
+                )
+            return out
+
+    def take_export_changes(self) -> set[ServiceKey]:
+        """The services whose declaration or local backends changed since the last call (remote changes
+        never change what this cluster exports)."""
+        with self._lock:
+            changed, self._exports_stale = self._exports_stale, set()
+            return changed
 
     # -- what goes into the maps ------------------------------------------------------------
     def frontends(self, dirty: Iterable[ServiceKey]) -> list[FrontendSpec]:

@@ -506,25 +506,33 @@ class Meshd:
         if now - self._last_heartbeat >= self.config.heartbeat_interval:
             write_heartbeat(client)
             self._last_heartbeat = now
-        version = self.state.version
-        if version == self._export_version:
+        if self._export_version == -1:  # a new leader or a new connection: every service once
+            self.state.take_export_changes()
+            keys = set(self.state.declarations) | set(self._exported)
+        else:
+            keys = self.state.take_export_changes()
+        if not keys:
             return
-        for (ns, name), svc in self.state.exports().items():
-            value = None if svc is None else encode_cluster_service(svc)
-            key_known = (ns, name) in self._exported
-            if key_known and self._exported[(ns, name)] == value:
-                continue
-            key = layout.service_key(self.config.cluster_name, ns, name)
-            if value is None:
-                if key_known or client.get(key) is not None:
-                    client.delete(key)
-            else:
-                put_if_changed(client, key, value)
-            self._exported[(ns, name)] = value
-        for ns, name in [k for k in self._exported if k not in self.state.declarations]:
-            client.delete(layout.service_key(self.config.cluster_name, ns, name))
-            del self._exported[(ns, name)]
-        self._export_version = version
+        try:
+            for (ns, name), svc in self.state.exports(keys).items():
+                value = None if svc is None else encode_cluster_service(svc)
+                key_known = (ns, name) in self._exported
+                if key_known and self._exported[(ns, name)] == value:
+                    continue
+                key = layout.service_key(self.config.cluster_name, ns, name)
+                if value is None:
+                    if key_known or client.get(key) is not None:
+                        client.delete(key)
+                else:
+                    put_if_changed(client, key, value)
+                if value is None and (ns, name) not in self.state.declarations:
+                    self._exported.pop((ns, name), None)
+                else:
+                    self._exported[(ns, name)] = value
+        except KVStoreError:
+            self._export_version = -1  # what was taken is not all written: everything again next time
+            raise
+        self._export_version = 0
 
     def _write_canaries(self, client) -> None:
         stamp = layout.encode_timestamp()

@@ -108,19 +108,22 @@ def test_exports_follow_global_and_shared():
     assert state.exports() == {("default", "rebel-base"): None}
 
 
-def test_exports_follow_slices_and_declarations_but_not_remote_services():
+def test_export_changes_follow_slices_and_declarations_but_not_remote_services():
     state, svc = mesh()
-    first = state.exports()[("default", "rebel-base")]
+    assert state.take_export_changes() == {("default", "rebel-base")}
     state.apply_cluster_change("cluster2", KIND_SERVICE, "k", svc, remote_service(ips=("10.2.9.9",)))
-    assert state.exports()[("default", "rebel-base")] is first  # a remote change does not rebuild it
+    assert state.take_export_changes() == set()  # a remote change does not change what we export
     state.put_slice("default", "rebel-base", "c1-n2", ["10.1.1.2", "10.1.1.10", "10.1.1.9"])
-    exported = state.exports()[("default", "rebel-base")]
+    assert state.take_export_changes() == {("default", "rebel-base")}
+    exported = state.exports({("default", "rebel-base")})[("default", "rebel-base")]
     assert list(exported.backends) == ["10.1.0.2", "10.1.1.2", "10.1.1.9", "10.1.1.10"]
     state.put_slice("default", "rebel-base", "c1-n1", None)
     state.put_slice("default", "rebel-base", "c1-n2", None)
     assert dict(state.exports()[("default", "rebel-base")].backends) == {}
     state.put_declaration(declaration(name="other", cluster_ip="172.30.1.11"))
     state.delete_declaration("default", "rebel-base")
+    assert state.take_export_changes() == {("default", "rebel-base"), ("default", "other")}
+    assert state.exports({("default", "rebel-base")}) == {("default", "rebel-base"): None}
     assert list(state.exports()) == [("default", "other")]
 
 
