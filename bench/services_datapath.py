@@ -42,7 +42,7 @@ import benchlib
 import datapath
 import yaml
 from benchlib import labtools
-from datapath import MeasurementError, QuietGate, Servers, log, parse_iperf3, parse_pod_add, run
+from datapath import MeasurementError, Servers, log, parse_iperf3, parse_pod_add, run
 
 PREFIX = "cmbs"
 NAME = "services_datapath"
@@ -105,8 +105,12 @@ METRICS = {
     "conn_per_s": "connections/s",
     "conn_p50_us": "us",
     "conn_p99_us": "us",
+    "gbit_per_cpu_s": "Gbit per CPU second",
+    "conn_cpu_us": "CPU us per connection",
 }
-RATIO_METRICS = ("gbps_1", "conn_per_s", "conn_p50_us")
+RATIO_METRICS = ("gbps_1", "conn_per_s", "conn_p50_us", "gbit_per_cpu_s", "conn_cpu_us")
+# sample metric -> key of a combined conn_rate sample
+CONN_METRICS = {"conn_per_s": "conn_per_s", "conn_p50_us": "p50_us", "conn_p99_us": "p99_us", "conn_cpu_us": "cpu_us"}
 # comparison -> (numerator variant, denominator variant)
 COMPARISONS = {
     "cluster_ip_over_pod_ip": ("cluster_ip", "pod_ip"),
@@ -210,24 +214,32 @@ def nft_counters(text: str) -> list[int]:
 
 
 def parse_conn_rate(text: str) -> dict:
-    """The output of ``conn_rate client``: a header ``conn_rate 1 <count> <elapsed_ns>``, then one
-    connection time in ns per line. Returns connections/s and the connection time's percentiles (us)."""
-    words = text.split()
-    if len(words) < 4 or words[0] != "conn_rate" or words[1] != "1":
+    """The output of ``conn_rate client``: a header ``conn_rate 1 <count> <elapsed_ns> <client_cpu_ns>
+    <server_cpu_ns>`` (-1: unknown), then one connection time in ns per line. Returns connections/s,
+    the connection time's percentiles (us) and the CPU time of client and server per connection (us;
+    None when one of them is unknown)."""
+    lines = text.splitlines()
+    header = lines[0].split() if lines else []
+    if len(header) != 6 or header[:2] != ["conn_rate", "1"]:
         raise MeasurementError("conn_rate printed no result: %r" % text[:300])
     try:
-        count, elapsed_ns = int(words[2]), int(words[3])
-        times = [int(v) / 1000.0 for v in words[4:]]
+        count, elapsed_ns, client_ns, server_ns = (int(v) for v in header[2:])
+        times = [int(v) / 1000.0 for v in lines[1:] if v.strip()]
     except ValueError as exc:
         raise MeasurementError("conn_rate: %s" % exc) from None
     if count == 0 or elapsed_ns <= 0 or len(times) != count:
         raise MeasurementError(
             "conn_rate: header says %d connections in %d ns, %d times follow" % (count, elapsed_ns, len(times))
         )
+    known = client_ns >= 0 and server_ns >= 0
     return {
         "connections": count,
         "seconds": elapsed_ns / 1e9,
         "conn_per_s": count / (elapsed_ns / 1e9),
+        "client_cpu_s": client_ns / 1e9 if client_ns >= 0 else None,
+        "server_cpu_s": server_ns / 1e9 if server_ns >= 0 else None,
+        "cpu_us": (client_ns + server_ns) / 1e3 / count if known else None,
+        "share": (client_ns + server_ns) / elapsed_ns if known else None,
         "p50_us": benchlib.percentile(times, 50),
         "p90_us": benchlib.percentile(times, 90),
         "p99_us": benchlib.percentile(times, 99),
@@ -235,13 +247,130 @@ def parse_conn_rate(text: str) -> dict:
     }
 
 
+def num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt % value
+
+
+def format_shares(runs) -> str:
+    """Each run's attempts' shares: ``0.97 0.55/0.96`` (the second run was taken twice; ``!`` marks a
+    run kept although not clean)."""
+    return " ".join(
+        "/".join(num(v, "%.2f") for v in run["shares"]) + ("" if run.get("clean", True) else "!") for run in runs
+    )
+
+
+class ShareCheck:
+    """Takes a sample again while other work took the CPU from it. Client and server of every sample are
+    pinned to one CPU, so the CPU time they ran over the sample's wall time (its ``share``: about 0.98
+    on an idle machine; for iperf3 plus the CPU's ksoftirqd, which takes over softirq work that
+    piles up) says how much of the CPU they got; a rate measured with less is the share of the
+    machine the benchmark got, not the path's. Bounded: at most ``retries`` more attempts per
+    sample and ``budget_s`` seconds of retried attempts per benchmark run; the last attempt is kept,
+    marked ``clean`` or not (runs that are not clean are left out of the samples), and every sample
+    records its attempts' shares."""
+
+    def __init__(self, min_share: float, retries: int, budget_s: float):
+        self.min_share, self.retries, self.budget_s = min_share, retries, budget_s
+        self.spent_s = 0.0
+        self.retried = 0
+        self.kept_below = 0  # samples kept although their share stayed below min_share
+        self.samples = 0
+
+    def take(self, measure) -> dict:
+        shares = []
+        while True:
+            started = time.monotonic()
+            res = measure()
+            shares.append(None if res.get("share") is None else round(res["share"], 3))
+            good = res.get("share") is None or res["share"] >= self.min_share
+            if good or len(shares) > self.retries or self.spent_s >= self.budget_s:
+                self.samples += 1
+                self.kept_below += not good
+                return res | {"shares": shares, "clean": good}
+            self.spent_s += time.monotonic() - started
+            self.retried += 1
+
+    def summary(self) -> dict:
+        return {
+            "min_share": self.min_share,
+            "retries_per_sample": self.retries,
+            "budget_s": self.budget_s,
+            "samples": self.samples,
+            "attempts_retried": self.retried,
+            "retried_s": round(self.spent_s, 1),
+            "samples_kept_below_min_share": self.kept_below,
+        }
+
+
+def ksoftirqd_pid(cpu: int) -> int | None:
+    """PID of the kernel thread ksoftirqd/<cpu> (read only: its CPU time is softirq work deferred from
+    the processes of a sample; /proc is shared by the lab hosts)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/comm" % entry) as f:
+                    if f.read().strip() == "ksoftirqd/%d" % cpu:
+                        return int(entry)
+            except OSError:
+                continue
+    return None
+
+
+def cpu_runtime_s(pid: int | None) -> float | None:
+    """The CPU time a process has run, in seconds (first field of /proc/<pid>/schedstat)."""
+    if pid is None:
+        return None
+    try:
+        with open("/proc/%d/schedstat" % pid) as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def iperf3_share(iperf: dict) -> float | None:
+    """The CPU share iperf3's client and server got (their CPU use, end.cpu_utilization_percent; both on
+    one CPU)."""
+    if iperf.get("cpu_client_pct") is None or iperf.get("cpu_server_pct") is None:
+        return None
+    return (iperf["cpu_client_pct"] + iperf["cpu_server_pct"]) / 100.0
+
+
+def gbit_per_cpu_s(iperf: dict) -> float | None:
+    """Throughput per CPU second of iperf3's client and server processes together (their CPU use, from
+    getrusage, includes the softirq work done in their context: nearly all of a veth path's)."""
+    cpu = (iperf.get("cpu_client_pct") or 0) + (iperf.get("cpu_server_pct") or 0)
+    return iperf["gbps"] / (cpu / 100.0) if cpu > 0 else None
+
+
+def clean_runs(runs: list[dict]) -> list[dict]:
+    """The runs that got the CPU (ShareCheck marked them clean; runs without the mark count as clean)."""
+    return [r for r in runs if r.get("clean", True)]
+
+
+def combine_iperf3(runs: list[dict]) -> dict:
+    """One throughput sample from several short iperf3 runs (interleaved with the other variants'
+    runs): the median of the clean runs' throughputs and Gbit per CPU second (None when no run was
+    clean), and all the runs."""
+    good = clean_runs(runs)
+    return {
+        "gbps": benchlib.median(r["gbps"] for r in good),
+        "gbit_per_cpu_s": benchlib.median(r["gbit_per_cpu_s"] for r in good),
+        "clean_runs": len(good),
+        "runs": runs,
+    }
+
+
 def combine_runs(runs: list[dict]) -> dict:
     """One conn_rate sample from several short runs (interleaved with the other variants' runs): the
-    median of their rates and percentiles, and the runs themselves."""
+    median of the clean runs' rates, percentiles and CPU times (None when no run was clean), and all
+    the runs."""
+    good = clean_runs(runs)
     return {
-        "conn_per_s": benchlib.median(r["conn_per_s"] for r in runs),
-        "p50_us": benchlib.median(r["p50_us"] for r in runs),
-        "p99_us": benchlib.median(r["p99_us"] for r in runs),
+        "conn_per_s": benchlib.median(r["conn_per_s"] for r in good),
+        "p50_us": benchlib.median(r["p50_us"] for r in good),
+        "p99_us": benchlib.median(r["p99_us"] for r in good),
+        "cpu_us": benchlib.median(r["cpu_us"] for r in good),
+        "clean_runs": len(good),
         "runs": runs,
     }
 
@@ -251,22 +380,27 @@ def combine_runs(runs: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _spread(section: dict, name: str) -> str:
+def _spread(section: dict, name: str, rounds: int) -> str:
+    """median [min-max] of a metric's samples, with ``(n of rounds)`` when some rounds had no clean sample."""
     s = section.get("spread", {}).get(name) or {}
     if s.get("median") is None:
         return "-"
     fmt = "%.2f" if s["median"] < 100 else "%.0f"
-    if s["n"] == 1:
-        return fmt % s["median"]
-    return (fmt + " [" + fmt + "-" + fmt + "]") % (s["median"], s["min"], s["max"])
+    text = fmt % s["median"]
+    if s["n"] > 1:
+        text += (" [" + fmt + "-" + fmt + "]") % (s["min"], s["max"])
+    return text if s["n"] >= rounds else "%s (%d of %d)" % (text, s["n"], rounds)
 
 
-def report(section: dict, wheres, variants) -> str:
+def report(section: dict, wheres, variants, rounds: int) -> str:
     """Readable tables: per path the median [min-max] of each metric; ratios; targets."""
     rows = [
-        [path_name(w, v)] + [_spread(section, sample_name(w, v, m)) for m in METRICS] for w in wheres for v in variants
+        [path_name(w, v)] + [_spread(section, sample_name(w, v, m), rounds) for m in METRICS]
+        for w in wheres
+        for v in variants
     ]
-    out = [benchlib.format_table(["path", "Gbit/s 1 stream", "connections/s", "conn p50 us", "conn p99 us"], rows)]
+    headers = ["path", "Gbit/s 1 stream", "connections/s", "conn p50 us", "conn p99 us", "Gbit/CPU-s", "CPU us/conn"]
+    out = [benchlib.format_table(headers, rows)]
     ratios = section.get("ratios") or {}
     rrows = []
     for where in wheres:
@@ -377,7 +511,8 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.servers = Servers()
-        self.gate = QuietGate(args.max_busy, args.gate_wait, args.gate_budget, interval=args.gate_interval)
+        self.check_share = ShareCheck(args.min_share, args.retries, args.retry_budget)
+        self.ksoftirqd = ksoftirqd_pid(args.iperf_cpu) if args.iperf_cpu >= 0 else None
         self.conn_rate = os.path.join(BUILD_DIR, "conn_rate")
         self.lb_object = os.path.join(BUILD_DIR, "lb.o")
         self.wheres = [s.where for s in SERVERS if s.where in args.where]
@@ -389,6 +524,7 @@ class Bench:
         self.next_port = 1  # CONN_PORT + 0 is the setup's check
         self.nft_on = False
         self.shells: dict[str, benchlib.Shell] = {}
+        self.server_pids: dict[str, int] = {}  # where -> conn_rate server's PID (its CPU time is read)
         self.setup_info: dict = {}
 
     # setup --------------------------------------------------------------------------------
@@ -459,7 +595,13 @@ class Bench:
             iperf = ("iperf3", "-s", "-p", str(IPERF_PORT), "--forceflush")
             self.servers.start("iperf3 server " + label, pod_argv(server.node, server.pod, *iperf), "Server listening")
             conn = ("taskset", "-c", cpu, self.conn_rate, "server", str(CONN_PORT), str(self.ports))
-            self.servers.start("conn_rate server " + label, pod_argv(server.node, server.pod, *conn), "ready")
+            started = self.servers.start("conn_rate server " + label, pod_argv(server.node, server.pod, *conn), "ready")
+            # tools/lab pod exec, nsenter and taskset exec into conn_rate: its PID is the one Popen started
+            with open("/proc/%d/comm" % started.proc.pid) as f:
+                comm = f.read().strip()
+            if comm != "conn_rate":
+                raise RuntimeError("conn_rate server %s runs as %r, not conn_rate" % (label, comm))
+            self.server_pids[server.where] = started.proc.pid
         self.check()
 
     def check(self) -> None:
@@ -513,6 +655,7 @@ class Bench:
     def conn_run(self, server: Server, variant: Variant, port: int, seconds: float, warmup: int = CONN_WARMUP) -> dict:
         argv = ["taskset", "-c", str(self.args.cpu), self.conn_rate, "client"]
         argv += [self.destination(server, variant), str(port), str(seconds), str(warmup)]
+        argv.append(str(self.server_pids[server.where]))
         what = "conn_rate client (%s)" % path_name(server.where, variant.name)
         return parse_conn_rate(self.shells[variant.client].run(argv, what, timeout=seconds + 60))
 
@@ -520,26 +663,39 @@ class Bench:
         a = self.args
         argv = ["iperf3", "-c", self.destination(server, variant), "-p", str(IPERF_PORT)]
         argv += ["-t", str(a.time), "-O", str(a.omit), "-P", "1", "-J"]
+        if a.iperf_cpu >= 0:
+            argv += ["-A", "%d,%d" % (a.iperf_cpu, a.iperf_cpu)]  # client and server on one CPU
         what = "iperf3 (%s)" % path_name(server.where, variant.name)
-        for attempt in (1, 2):
-            gate = self.gate.wait()
-            out = self.shells[variant.client].run(argv, what, timeout=a.time + a.omit + 30, check=False)
-            try:
-                return parse_iperf3(out) | gate
-            except MeasurementError as exc:
-                if attempt == 2:
-                    raise MeasurementError("%s: %s" % (what, exc)) from None
-                log("  %s: %s; retrying once" % (path_name(server.where, variant.name), exc))
-                time.sleep(1)
-        raise AssertionError("not reached")
+
+        def once() -> dict:
+            for attempt in (1, 2):
+                soft0, wall0 = cpu_runtime_s(self.ksoftirqd), time.monotonic()
+                out = self.shells[variant.client].run(argv, what, timeout=a.time + a.omit + 30, check=False)
+                soft1, wall1 = cpu_runtime_s(self.ksoftirqd), time.monotonic()
+                try:
+                    res = parse_iperf3(out)
+                except MeasurementError as exc:
+                    if attempt == 2:
+                        raise MeasurementError("%s: %s" % (what, exc)) from None
+                    log("  %s: %s; retrying once" % (path_name(server.where, variant.name), exc))
+                    time.sleep(1)
+                    continue
+                share = softirq = None
+                if a.iperf_cpu >= 0 and None not in (soft0, soft1):
+                    softirq = (soft1 - soft0) / (wall1 - wall0)
+                    share = iperf3_share(res)
+                    share = None if share is None else share + softirq
+                return res | {"gbit_per_cpu_s": gbit_per_cpu_s(res), "share": share, "ksoftirqd_share": softirq}
+            raise AssertionError("not reached")
+
+        return self.check_share.take(once)
 
     def conn_sample(self, server: Server, variant: Variant) -> dict:
         port = CONN_PORT + self.next_port
         if self.next_port >= self.ports:
             raise RuntimeError("out of conn_rate ports (%d): every run needs a port of its own" % self.ports)
         self.next_port += 1
-        gate = self.gate.wait()
-        return self.conn_run(server, variant, port, self.args.conn_time) | gate | {"port": port}
+        return self.check_share.take(lambda: self.conn_run(server, variant, port, self.args.conn_time) | {"port": port})
 
     def order(self, round_index: int) -> list[tuple[Server, Variant]]:
         paths = [(s, v) for s in self.servers_used for v in self.variants]
@@ -553,15 +709,21 @@ class Bench:
             loads.append(benchlib.load_average())
             order = self.order(r)
             log("round %d/%d (load %s)" % (r + 1, rounds, loads[-1]))
+            iperf_runs = {(s.where, v.name): [] for s, v in order}
+            for _repeat in range(self.args.iperf_repeats):  # interleaved, as the conn_rate runs
+                for server, variant in order:
+                    self.nft_toggle(variant.nft)
+                    iperf_runs[(server.where, variant.name)].append(self.iperf3(server, variant))
             for server, variant in order:
-                self.nft_toggle(variant.nft)
-                res = self.iperf3(server, variant)
+                res = combine_iperf3(iperf_runs[(server.where, variant.name)])
                 samples[sample_name(server.where, variant.name, "gbps_1")].append(res["gbps"])
+                samples[sample_name(server.where, variant.name, "gbit_per_cpu_s")].append(res["gbit_per_cpu_s"])
                 details["iperf3"].setdefault(path_name(server.where, variant.name), []).append(res)
                 log(
-                    "  %-26s %6.2f Gbit/s  retr %-5s (busy before %s, waited %s s)"
-                    % (path_name(server.where, variant.name), res["gbps"], res["retransmits"], res["busy_before"],
-                       res["waited_s"])
+                    "  %-26s %6s Gbit/s  %5s Gbit/CPU-s  (runs %s; shares %s)"
+                    % (path_name(server.where, variant.name), num(res["gbps"], "%.2f"),
+                       num(res["gbit_per_cpu_s"], "%.2f"), " ".join("%.2f" % run["gbps"] for run in res["runs"]),
+                       format_shares(res["runs"]))
                 )  # fmt: skip
             runs = {(s.where, v.name): [] for s, v in order}
             for _repeat in range(self.args.conn_repeats):  # interleaved: a burst of other work hits one run
@@ -571,13 +733,14 @@ class Bench:
             self.nft_toggle(False)
             for server, variant in order:
                 res = combine_runs(runs[(server.where, variant.name)])
-                for metric, key in (("conn_per_s", "conn_per_s"), ("conn_p50_us", "p50_us"), ("conn_p99_us", "p99_us")):
+                for metric, key in CONN_METRICS.items():
                     samples[sample_name(server.where, variant.name, metric)].append(res[key])
                 details["conn_rate"].setdefault(path_name(server.where, variant.name), []).append(res)
                 log(
-                    "  %-26s %7.0f conn/s  p50 %6.1f us  p99 %6.1f us  (runs %s)"
-                    % (path_name(server.where, variant.name), res["conn_per_s"], res["p50_us"], res["p99_us"],
-                       " ".join("%.0f" % run["conn_per_s"] for run in res["runs"]))
+                    "  %-26s %7s conn/s  p50 %6s us  p99 %6s us  %5s CPU us/conn  (runs %s; shares %s)"
+                    % (path_name(server.where, variant.name), num(res["conn_per_s"], "%.0f"),
+                       num(res["p50_us"], "%.1f"), num(res["p99_us"], "%.1f"), num(res["cpu_us"], "%.1f"),
+                       " ".join("%.0f" % run["conn_per_s"] for run in res["runs"]), format_shares(res["runs"]))
                 )  # fmt: skip
         ct = self.ct_entries()
         conntrack = self.shells[CLIENT_NODE].run(["cat", "/proc/sys/net/netfilter/nf_conntrack_count"], "conntrack")
@@ -604,6 +767,8 @@ class Bench:
                 "parameters": {
                     "iperf3_time_s": self.args.time,
                     "iperf3_omit_s": self.args.omit,
+                    "iperf3_repeats": self.args.iperf_repeats,
+                    "iperf3_cpu": self.args.iperf_cpu,
                     "conn_time_s": self.args.conn_time,
                     "conn_repeats": self.args.conn_repeats,
                     "conn_warmup_connections": CONN_WARMUP,
@@ -614,7 +779,7 @@ class Bench:
                 "load_average_per_round": loads,
                 "cm_ct_after": ct,
                 "nf_conntrack_count_after": int(conntrack.strip()),
-                "quiet_gate": self.gate.summary(),
+                "share_check": self.check_share.summary(),
                 "details": details,
             },
         )
@@ -622,8 +787,16 @@ class Bench:
     def notes(self) -> list[str]:
         a = self.args
         return [
-            "gbps_1: iperf3 receiver throughput (end.sum_received), 1 stream, %d s after %d s omitted, unpinned"
-            % (a.time, a.omit),
+            "gbps_1: iperf3 receiver throughput (end.sum_received), 1 stream, %d s after %d s omitted, client and "
+            "server %s; each round runs it %d times per path, interleaved, and takes the median; gbit_per_cpu_s: "
+            "gbps_1 / the CPU share of the two iperf3 processes (end.cpu_utilization_percent host_total + "
+            "remote_total)"
+            % (
+                a.time,
+                a.omit,
+                "pinned to CPU %d (iperf3 -A)" % a.iperf_cpu if a.iperf_cpu >= 0 else "unpinned",
+                a.iperf_repeats,
+            ),  # fmt: skip
             "conn_*: conn_rate (bench/bpf/conn_rate.c): connections one after another, each connect, 1-byte "
             "request, 1-byte response, server closes, client closes with a RST (no TIME_WAIT), for %g s after %d "
             "warm-up connections; client and server pinned to CPU %d (the CPU cost of a connection, not "
@@ -637,8 +810,12 @@ class Bench:
             "while cluster_ip_nft runs" % (PIN_ROOT, CLIENT_NODE, BPF_CLIENT, NFT_TABLE),
             "routing: routing_state.reconcile, mode direct, masquerade off (its raw notrack chains would skip the "
             "reverse NAT of the nftables DNAT's replies); CNI: role cni; pods: tools/lab pod add",
-            "before every sample the quiet gate waits (up to %g s per sample, %g s per run) until other work uses "
-            "at most %g of all CPUs" % (a.gate_wait, a.gate_budget, a.max_busy),
+            "share: the CPU time client and server ran during a sample over its wall time (both are pinned to one "
+            "CPU: about 0.98 on an idle machine); a sample below %g (other work took the CPU) is taken again, at "
+            "most %d times and for at most %g s per benchmark run; the last attempt is kept, and left out of the "
+            "samples when it is still below (a path's round sample is the median of its clean runs, None "
+            "without any; details keep every run with its attempts' shares; extra.share_check sums up)"
+            % (a.min_share, a.retries, a.retry_budget),
             "ratios are numerator/denominator per round, median over rounds; for conn_p50_us a ratio above 1 "
             "means the numerator is slower",
         ]
@@ -648,9 +825,17 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--rounds", type=int, help="rounds (default %d; --quick: 1)" % benchlib.MIN_ROUNDS)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of short samples")
-    parser.add_argument("--time", type=int, help="iperf3 seconds per sample (default 3; --quick: 1)")
-    parser.add_argument("--omit", type=int, help="iperf3 seconds omitted at the start (default 1; --quick: 0)")
-    parser.add_argument("--conn-time", type=float, help="conn_rate seconds per run (default 1; --quick: 0.3)")
+    parser.add_argument("--time", type=int, help="iperf3 seconds per run (default 2; --quick: 1)")
+    parser.add_argument("--omit", type=int, default=0, help="iperf3 seconds omitted at the start (default 0)")
+    parser.add_argument(
+        "--iperf-repeats",
+        type=int,
+        help="iperf3 runs per path and round, interleaved; median (default 2; --quick: 1)",
+    )
+    parser.add_argument(
+        "--iperf-cpu", type=int, default=0, help="CPU of iperf3 client and server (iperf3 -A; default 0; -1: unpinned)"
+    )
+    parser.add_argument("--conn-time", type=float, help="conn_rate seconds per run (default 0.7; --quick: 0.3)")
     parser.add_argument(
         "--conn-repeats",
         type=int,
@@ -658,15 +843,16 @@ def parse_args(argv=None):
     )
     parser.add_argument("--cpu", type=int, default=0, help="CPU of conn_rate client and server (default 0)")
     parser.add_argument(
-        "--max-busy",
+        "--min-share",
         type=float,
-        default=0.2,
-        help="wait before each sample until other work uses at most this fraction of all CPUs (default 0.2; 1: "
-        "never wait)",
+        default=0.9,
+        help="take a sample again when its client and server got less than this share of their CPU (default 0.9; "
+        "0: never)",
     )
-    parser.add_argument("--gate-interval", type=float, default=0.3, help="the gate's sampling time, s (default 0.3)")
-    parser.add_argument("--gate-wait", type=float, default=15, help="longest wait per sample, s (default 15)")
-    parser.add_argument("--gate-budget", type=float, default=60, help="longest wait per run, s (default 60)")
+    parser.add_argument("--retries", type=int, default=3, help="attempts after the first per sample (default 3)")
+    parser.add_argument(
+        "--retry-budget", type=float, default=60, help="seconds of retried samples per run, at most (default 60)"
+    )
     parser.add_argument("--where", default=",".join(WHERE), help="comma-separated: %s (default both)" % ",".join(WHERE))
     parser.add_argument("--output", help="result file (default: bench/results/%s.json)" % NAME)
     parser.add_argument("--keep-lab", action="store_true", help="leave the lab up at the end (debugging)")
@@ -674,9 +860,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     quick = args.quick
     args.rounds = args.rounds if args.rounds is not None else (1 if quick else benchlib.MIN_ROUNDS)
-    args.time = args.time or (1 if quick else 3)
-    args.omit = args.omit if args.omit is not None else (0 if quick else 1)
-    args.conn_time = args.conn_time or (0.3 if quick else 1.0)
+    args.time = args.time or (1 if quick else 2)
+    args.iperf_repeats = args.iperf_repeats or (1 if quick else 2)
+    args.conn_time = args.conn_time or (0.3 if quick else 0.7)
     args.conn_repeats = args.conn_repeats or (2 if quick else 3)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -736,7 +922,10 @@ def main(argv=None) -> int:
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
                 failed = True
-    text = ("FAILED: %s" % section["error"]) if "error" in section else report(section, bench.wheres, VARIANT_NAMES)
+    if "error" in section:
+        text = "FAILED: %s" % section["error"]
+    else:
+        text = report(section, bench.wheres, VARIANT_NAMES, args.rounds)
     benchlib.finish(
         NAME,
         benchmarks={"services_datapath": section},

@@ -8,10 +8,18 @@
 //
 //   conn_rate server PORT COUNT                    listens on PORT .. PORT+COUNT-1 (one epoll over all),
 //                                                  prints "ready"; serves one connection at a time
-//   conn_rate client ADDR PORT SECONDS WARMUP      WARMUP connections first (not recorded), then
-//                                                  connections for SECONDS; prints
-//                                                  "conn_rate 1 <count> <elapsed_ns>" and then one
-//                                                  connection time in ns per line (connect to close)
+//   conn_rate client ADDR PORT SECONDS WARMUP [SERVER_PID]
+//                                                  WARMUP connections first (not recorded), then
+//                                                  connections for SECONDS; prints "conn_rate 1 <count>
+//                                                  <elapsed_ns> <client_cpu_ns> <server_cpu_ns>" and then
+//                                                  one connection time in ns per line (connect to close)
+//
+// client_cpu_ns and server_cpu_ns: the CPU time the client and the server process (SERVER_PID, -1 when
+// not given) ran during the timed connections, from the first field of /proc/<pid>/schedstat
+// (sum_exec_runtime). Without CONFIG_IRQ_TIME_ACCOUNTING (this machine's kernel) that includes the
+// softirq work done in their context, which for veth paths is the whole datapath of their packets
+// (the sender's transmit runs the receiver's side up to its socket); other processes' work on the
+// CPU is not in it, so it is a cost per connection that load on a shared machine hardly moves.
 //
 // The client stops at the first failure (exit 1, the connection's number and the error on stderr):
 // a refused or timed-out connection means the path is broken, not slow. Each connect and read times
@@ -40,6 +48,22 @@ static uint64_t now_ns(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* sum_exec_runtime of a process in ns (first field of /proc/<pid>/schedstat); -1 when unreadable */
+static long long cpu_ns(const char *pid)
+{
+	char path[64];
+	long long ns = -1;
+	FILE *f;
+	snprintf(path, sizeof(path), "/proc/%s/schedstat", pid);
+	f = fopen(path, "r");
+	if (!f)
+		return -1;
+	if (fscanf(f, "%lld", &ns) != 1)
+		ns = -1;
+	fclose(f);
+	return ns;
 }
 
 static int fail(const char *what)
@@ -128,7 +152,7 @@ static int one_connection(const struct sockaddr_in *addr, const char **what)
 	return ret;
 }
 
-static int client(const char *host, int port, double seconds, long warmup)
+static int client(const char *host, int port, double seconds, long warmup, const char *server_pid)
 {
 	struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(port)};
 	size_t cap = 1 << 16, n = 0;
@@ -148,6 +172,7 @@ static int client(const char *host, int port, double seconds, long warmup)
 			return fail(msg);
 		}
 	}
+	long long client0 = cpu_ns("self"), server0 = server_pid ? cpu_ns(server_pid) : -1;
 	uint64_t start = now_ns(), end = start + (uint64_t)(seconds * 1e9), t0 = start, t1;
 	do {
 		errno = 0;
@@ -165,7 +190,9 @@ static int client(const char *host, int port, double seconds, long warmup)
 		lat[n++] = t1 - t0;
 		t0 = t1;
 	} while (t1 < end);
-	printf("conn_rate 1 %zu %llu\n", n, (unsigned long long)(t1 - start));
+	long long client1 = cpu_ns("self"), server1 = server_pid ? cpu_ns(server_pid) : -1;
+	printf("conn_rate 1 %zu %llu %lld %lld\n", n, (unsigned long long)(t1 - start),
+	       client0 < 0 || client1 < 0 ? -1 : client1 - client0, server0 < 0 || server1 < 0 ? -1 : server1 - server0);
 	for (size_t i = 0; i < n; i++)
 		printf("%llu\n", (unsigned long long)lat[i]);
 	return fflush(stdout) == 0 ? 0 : 1;
@@ -175,8 +202,8 @@ int main(int argc, char **argv)
 {
 	if (argc == 4 && strcmp(argv[1], "server") == 0)
 		return serve(atoi(argv[2]), atoi(argv[3]));
-	if (argc == 6 && strcmp(argv[1], "client") == 0)
-		return client(argv[2], atoi(argv[3]), atof(argv[4]), atol(argv[5]));
-	fprintf(stderr, "usage: conn_rate server PORT COUNT | conn_rate client ADDR PORT SECONDS WARMUP\n");
+	if ((argc == 6 || argc == 7) && strcmp(argv[1], "client") == 0)
+		return client(argv[2], atoi(argv[3]), atof(argv[4]), atol(argv[5]), argc == 7 ? argv[6] : NULL);
+	fprintf(stderr, "usage: conn_rate server PORT COUNT | conn_rate client ADDR PORT SECONDS WARMUP [SERVER_PID]\n");
 	return 2;
 }
