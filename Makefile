@@ -15,7 +15,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/build/collections
 export ANSIBLE_FORCE_COLOR := 0
 
-.PHONY: help deps collection demo demo-down lab-up lab-down test lint sanity units lab-tests molecule bench bench-datapath bench-agent bpf clean
+.PHONY: help deps collection demo demo-down lab-up lab-down test lint sanity units lab-tests molecule bench bench-datapath bench-agent bench-services bpf clean
 
 help:
 	@echo "make demo       install what is needed, build the lab, run playbooks/site.yml against it"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench      run the benchmarks (results in bench/results/)"
 	@echo "make bench-datapath  pod-to-pod throughput and latency per routing mode (bench/results/datapath.json)"
 	@echo "make bench-agent     meshd convergence and 5,000-service scale (bench/results/agent.json)"
+	@echo "make bench-services  ClusterIP (bpf/lb.c) vs pod IP and vs nftables DNAT (bench/results/services_datapath.json)"
 
 deps:
 	@tools/install-deps
@@ -71,6 +72,7 @@ BENCH_ROUNDS ?= 3
 bench: collection
 	$(BIN)/python bench/control_plane.py --rounds $(BENCH_ROUNDS)
 	$(BIN)/python bench/datapath.py --rounds $(BENCH_ROUNDS)
+	$(BIN)/python bench/services_datapath.py --rounds $(BENCH_ROUNDS)
 	$(BIN)/python bench/agent.py --rounds $(BENCH_ROUNDS)
 
 # Pod-to-pod throughput and latency per routing mode against plain routing (issue 4), ~9 minutes.
@@ -87,3 +89,7 @@ clean:
 # meshd: remote change -> BPF map convergence and the 5,000-service scale (issue 5), ~3 minutes.
 bench-agent: collection
 	$(BIN)/python bench/agent.py --rounds $(BENCH_ROUNDS)
+
+# The ClusterIP datapath against pod IP and an nftables DNAT of the same service (issue 5), ~3 minutes.
+bench-services: collection
+	$(BIN)/python bench/services_datapath.py --rounds $(BENCH_ROUNDS)
