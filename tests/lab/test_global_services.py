@@ -49,25 +49,19 @@ def requests_code(pod, ip, count, seconds=None):
     to ip:80; prints {"counts": {server: n}, "failures": [...], "total": n}."""
     return textwrap.dedent(
         f"""
-        import json, socket, time
-        from ansible_collections.clustermesh.core.plugins.module_utils.probe import enter_netns
+        import json, time
+        from ansible_collections.clustermesh.core.plugins.module_utils.probe import enter_netns, tcp_probe
         enter_netns("/run/netns/cm-pod-{pod}")
         counts, failures, total = {{}}, [], 0
         deadline = time.monotonic() + ({seconds!r} or 1e9)
         while total < {count} and time.monotonic() < deadline:
             total += 1
-            try:
-                with socket.create_connection(("{ip}", 80), timeout=2) as s:
-                    data = b""
-                    while not data.endswith(b"\\n"):
-                        chunk = s.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                name = json.loads(data)["server"]
+            result = tcp_probe("{ip}", 80, timeout=2)
+            if result["ok"]:
+                name = result["reply"]["server"]
                 counts[name] = counts.get(name, 0) + 1
-            except Exception as exc:
-                failures.append("%.3f %s" % (time.monotonic(), exc))
+            else:
+                failures.append("%.3f %s" % (time.monotonic(), result["detail"]))
         print(json.dumps({{"counts": counts, "failures": failures, "total": total}}))
         """
     )
@@ -142,6 +136,12 @@ def expected_map(cluster, backend_pods):
 
 def frontend_of(host, cluster):
     return service_map(host).get("%s:80/TCP" % CLUSTER_IP[cluster])
+
+
+def wait_for_frontend(host, cluster, backend_pods, timeout, what):
+    """Until ``host``'s maps send its cluster's ClusterIP to exactly ``backend_pods``."""
+    want = expected_map(cluster, backend_pods)["%s:80/TCP" % CLUSTER_IP[cluster]]
+    wait_for(lambda: frontend_of(host, cluster) == want, timeout, what)
 
 
 def meshctl(host, command):
@@ -245,14 +245,7 @@ print(json.dumps({"nodes": nodes, "heartbeat_age_s": age, "synced": synced, "ipc
 def test_affinity_local_fails_over_to_the_remote_cluster_and_back(mesh):
     declare(rebel_affinity={"cluster1": "local"})
     try:
-        wait_for(
-            lambda: (
-                frontend_of("c1-n1", "cluster1")
-                == expected_map("cluster1", CLUSTER_BACKENDS["cluster1"])["%s:80/TCP" % CLUSTER_IP["cluster1"]]
-            ),
-            15,
-            "cluster1 to use its own backends only",
-        )
+        wait_for_frontend("c1-n1", "cluster1", CLUSTER_BACKENDS["cluster1"], 15, "cluster1 to use only its own")
         answer = send("cluster1", 100)
         assert answer["failures"] == [] and servers(answer) == CLUSTER_BACKENDS["cluster1"], answer
 
@@ -286,14 +279,7 @@ def test_affinity_local_fails_over_to_the_remote_cluster_and_back(mesh):
 def test_shared_false_keeps_a_clusters_backends_to_itself(mesh):
     declare(rebel_shared={"cluster2": False})
     try:
-        wait_for(
-            lambda: (
-                frontend_of("c1-n1", "cluster1")
-                == expected_map("cluster1", CLUSTER_BACKENDS["cluster1"])["%s:80/TCP" % CLUSTER_IP["cluster1"]]
-            ),
-            15,
-            "cluster1 to drop cluster2's backends",
-        )
+        wait_for_frontend("c1-n1", "cluster1", CLUSTER_BACKENDS["cluster1"], 15, "cluster1 to drop cluster2's backends")
         answer = send("cluster1", 100)
         assert answer["failures"] == [] and servers(answer) == CLUSTER_BACKENDS["cluster1"], answer
         answer = send("cluster2", 200)
