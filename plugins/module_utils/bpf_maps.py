@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: clustermesh.core contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Keys and values of the service datapath's pinned BPF maps, and operations on them.
+"""Keys and values of the datapath's pinned BPF maps (services, ipcache, policy), and operations on them.
 
 The layouts mirror ``bpf/include/clustermesh_maps.h`` field by field (that header is the one
 definition; ``tests/unit/plugins/module_utils/test_bpf_maps.py`` parses it and checks every struct
@@ -15,6 +15,13 @@ Service map convention (as Cilium's lb4 maps): slot 0 of ``{ClusterIP, port, pro
 (``count`` backend slots, ``rev_nat_index``, ``flags``); slots 1..count each name a ``backend_id``.
 :func:`write_service` writes the backend slots before slot 0 and removes surplus slots after it, so
 the datapath never reads a slot that is not there.
+
+Policy (lb.c): an endpoint is the ifindex of a pod's host-side veth. ``cm_endpoint`` says in which
+directions it is default-deny (:func:`DatapathMaps.write_endpoint`); ``cm_policy`` holds its allow
+entries {peer identity (0 any), port (0 any), proto (0 any), direction}; an endpoint absent from
+``cm_endpoint`` allows everything. Write the allow entries before enforcing an endpoint. Drops are
+counted per {endpoint, peer identity, port, proto, direction, reason} in ``cm_drops``
+(:meth:`DatapathMaps.drops`).
 
 No Ansible imports: shared by the modules and the node agent.
 """
@@ -35,11 +42,30 @@ HAIRPIN_ADDRESS = "169.254.42.1"
 
 PROTO_TCP = 6
 PROTO_UDP = 17
+PROTO_SCTP = 132
 PROTOCOLS = {"tcp": PROTO_TCP, "udp": PROTO_UDP}
 
 CT_SERVICE = 0
 CT_REPLY = 1
+CT_POLICY = 2
 CT_F_HAIRPIN = 1
+
+# reserved identities; identity 0 in a policy entry is any peer
+ID_HOST = 1
+ID_WORLD = 2
+ID_REMOTE_NODE = 6
+
+EP_F_INGRESS = 1
+EP_F_EGRESS = 2
+
+DIR_INGRESS = 0
+DIR_EGRESS = 1
+DIRECTIONS = {"ingress": DIR_INGRESS, "egress": DIR_EGRESS}
+
+DROP_POLICY = 1
+DROP_NO_BACKEND = 2
+DROP_NAT = 3
+DROP_REASONS = {DROP_POLICY: "policy", DROP_NO_BACKEND: "no-backend", DROP_NAT: "nat"}
 
 SVC_F_GLOBAL = 1
 SVC_F_SHARED = 2
@@ -195,11 +221,25 @@ IPCACHE_VALUE = Layout(
     "cm_ipcache_value",
     [("identity", "__u32"), ("tunnel_endpoint", "__be32"), ("cluster_id", "__u16"), ("flags", "__u8"), ("pad", "__u8")],
 )
+ENDPOINT_KEY = Layout("cm_endpoint_key", [("ifindex", "__u32")])
+ENDPOINT_VALUE = Layout("cm_endpoint", [("identity", "__u32"), ("flags", "__u8"), ("pad", "__u8", 3)])
+POLICY_KEY = Layout(
+    "cm_policy_key",
+    [("ifindex", "__u32"), ("identity", "__u32"), ("dport", "__be16"), ("proto", "__u8"), ("direction", "__u8")],
+)
+POLICY_VALUE = Layout("cm_policy", [("flags", "__u32"), ("pad", "__u32")])
+DROP_KEY = Layout(
+    "cm_drop_key",
+    [("ifindex", "__u32"), ("identity", "__u32"), ("dport", "__be16"), ("proto", "__u8"), ("direction", "__u8"),
+     ("reason", "__u8"), ("pad", "__u8", 3)],
+)  # fmt: skip
+DROP_VALUE = Layout("cm_drop", [("packets", "__u64"), ("bytes", "__u64"), ("last_ns", "__u64")])
 
 LAYOUTS = {
     layout.c_name: layout
     for layout in (LB_KEY, LB_SERVICE, LB_BACKEND_KEY, LB_BACKEND, LB_REVNAT_KEY, LB_REVNAT, CT_KEY, CT_VALUE,
-                   IPCACHE_KEY, IPCACHE_VALUE)
+                   IPCACHE_KEY, IPCACHE_VALUE, ENDPOINT_KEY, ENDPOINT_VALUE, POLICY_KEY, POLICY_VALUE, DROP_KEY,
+                   DROP_VALUE)
 }  # fmt: skip
 
 
@@ -216,7 +256,34 @@ BACKEND_MAP = MapSpec("cm_lb_be", MapType.HASH, LB_BACKEND_KEY, LB_BACKEND, 6553
 REVNAT_MAP = MapSpec("cm_lb_revnat", MapType.HASH, LB_REVNAT_KEY, LB_REVNAT, 65536)
 CT_MAP = MapSpec("cm_ct", MapType.LRU_HASH, CT_KEY, CT_VALUE, 262144)
 IPCACHE_MAP = MapSpec("cm_ipcache", MapType.LPM_TRIE, IPCACHE_KEY, IPCACHE_VALUE, 65536, BPF_F_NO_PREALLOC)
-MAPS = {spec.name: spec for spec in (SERVICE_MAP, BACKEND_MAP, REVNAT_MAP, CT_MAP, IPCACHE_MAP)}
+ENDPOINT_MAP = MapSpec("cm_endpoint", MapType.HASH, ENDPOINT_KEY, ENDPOINT_VALUE, 4096)
+POLICY_MAP = MapSpec("cm_policy", MapType.HASH, POLICY_KEY, POLICY_VALUE, 262144)
+DROP_MAP = MapSpec("cm_drops", MapType.LRU_HASH, DROP_KEY, DROP_VALUE, 16384)
+MAPS = {
+    spec.name: spec
+    for spec in (SERVICE_MAP, BACKEND_MAP, REVNAT_MAP, CT_MAP, IPCACHE_MAP, ENDPOINT_MAP, POLICY_MAP, DROP_MAP)
+}
+
+
+def policy_protocol(proto):
+    """0 (any), 6, 17 or 132 from 'any'/'tcp'/'udp'/'sctp' (any case) or the number; ValueError otherwise."""
+    numbers = {"any": 0, "tcp": PROTO_TCP, "udp": PROTO_UDP, "sctp": PROTO_SCTP}
+    if isinstance(proto, int) and not isinstance(proto, bool) and proto in numbers.values():
+        return proto
+    number = numbers.get(str(proto).lower())
+    if number is None:
+        raise ValueError(f"policy protocol must be any (0), tcp (6), udp (17) or sctp (132), got {proto!r}")
+    return number
+
+
+def direction_number(direction):
+    """DIR_INGRESS / DIR_EGRESS from 'ingress'/'egress' or the number; ValueError otherwise."""
+    if isinstance(direction, int) and not isinstance(direction, bool) and direction in DIRECTIONS.values():
+        return direction
+    number = DIRECTIONS.get(str(direction).lower())
+    if number is None:
+        raise ValueError(f"direction must be ingress or egress, got {direction!r}")
+    return number
 
 
 def protocol_number(proto):
@@ -327,22 +394,53 @@ class PinnedMap:
         return out
 
 
+def _drop_rows(items):
+    names = {v: k for k, v in DIRECTIONS.items()}
+    rows = []
+    for key, value in items:
+        rows.append(
+            {"ifindex": key["ifindex"], "identity": key["identity"], "port": key["dport"], "proto": key["proto"],
+             "direction": names.get(key["direction"], str(key["direction"])),
+             "reason": DROP_REASONS.get(key["reason"], str(key["reason"])), "packets": value["packets"],
+             "bytes": value["bytes"], "last_ns": value["last_ns"]}
+        )  # fmt: skip
+    return sorted(rows, key=lambda r: (r["ifindex"], r["direction"], r["reason"], r["identity"], r["port"], r["proto"]))
+
+
+class DropMap(PinnedMap):
+    """``cm_drops``: a PinnedMap that is also callable: ``maps.drops()`` lists the counters as dicts."""
+
+    def __call__(self):
+        """[{ifindex, identity, port, proto, direction ("ingress"|"egress"), reason ("policy"|"no-backend"|
+        "nat"), packets, bytes, last_ns}], sorted by endpoint, direction, reason, peer, port, proto."""
+        return _drop_rows(self.items())
+
+
 class DatapathMaps:
-    """The five maps of a node, opened by pin: ``maps.service``, ``.backend``, ``.revnat``, ``.ct``,
-    ``.ipcache``. The maps must have been created (pinned) by loading lb.o (bpf_loader.load)."""
+    """The maps of a node, opened by pin: ``maps.service``, ``.backend``, ``.revnat``, ``.ct``,
+    ``.ipcache``, ``.endpoint``, ``.policy``, ``.drops`` (also callable: :meth:`DropMap.__call__`).
+    The maps must have been created (pinned) by loading lb.o (bpf_loader.load); a missing or stale
+    pin (e.g. made by an older lb.o without the policy maps) is a MapMismatchError."""
 
     def __init__(self, pin_root=PIN_ROOT):
         self.pin_root = pin_root
         opened = []
         try:
             for attr, spec in (("service", SERVICE_MAP), ("backend", BACKEND_MAP), ("revnat", REVNAT_MAP),
-                               ("ct", CT_MAP), ("ipcache", IPCACHE_MAP)):  # fmt: skip
+                               ("ct", CT_MAP), ("ipcache", IPCACHE_MAP), ("endpoint", ENDPOINT_MAP),
+                               ("policy", POLICY_MAP), ("drops", DROP_MAP)):  # fmt: skip
+                path = os.path.join(pin_root, spec.name)
+                cls = DropMap if spec is DROP_MAP else PinnedMap
                 try:
-                    opened.append(PinnedMap(spec, pin_root))
+                    opened.append(cls(spec, pin_root))
                 except BpfError as exc:
+                    if opened and not os.path.exists(path):
+                        raise MapMismatchError(
+                            f"pinned map {path} is missing while {opened[0].path} exists: the maps were pinned by "
+                            "an older lb.o; reload the current datapath (bpf_loader.load) to create it"
+                        ) from exc
                     raise MapMismatchError(
-                        f"cannot open pinned map {os.path.join(pin_root, spec.name)}: {exc}; "
-                        "load the datapath first (bpf_loader.load)"
+                        f"cannot open pinned map {path}: {exc}; load the datapath first (bpf_loader.load)"
                     ) from exc
                 setattr(self, attr, opened[-1])
         except BaseException:
@@ -433,3 +531,45 @@ class DatapathMaps:
     def lookup_ipcache(self, address):
         """Longest-prefix match of one address, or None."""
         return self.ipcache.lookup({"prefixlen": 32, "address": address})
+
+    # policy -----------------------------------------------------------------------------------
+
+    def write_endpoint(self, ifindex, identity, ingress=False, egress=False):
+        """Put endpoint ``ifindex`` (its host-side veth) under policy: default-deny in the directions
+        given (write its allow entries first); with neither, it is only conntracked."""
+        self._check_ifindex(ifindex)
+        flags = (EP_F_INGRESS if ingress else 0) | (EP_F_EGRESS if egress else 0)
+        self.endpoint.update({"ifindex": ifindex}, {"identity": identity, "flags": flags})
+
+    def delete_endpoint(self, ifindex):
+        """The endpoint allows everything again (its policy entries stay until deleted); True if it was there."""
+        return self.endpoint.delete({"ifindex": ifindex})
+
+    def write_policy(self, ifindex, identity, port, proto, direction):
+        """Allow peer ``identity`` (0 any) on ``port`` (0 any) / ``proto`` (0 or 'any', tcp, udp, sctp)
+        in ``direction`` ('ingress'/'egress' or DIR_*) for endpoint ``ifindex``."""
+        self.policy.update(self._policy_key(ifindex, identity, port, proto, direction), {"flags": 0})
+
+    def delete_policy(self, ifindex, identity, port, proto, direction):
+        return self.policy.delete(self._policy_key(ifindex, identity, port, proto, direction))
+
+    def _policy_key(self, ifindex, identity, port, proto, direction):
+        self._check_ifindex(ifindex)
+        proto = policy_protocol(proto)
+        if proto == 0 and port:
+            raise ValueError(f"a port ({port}) needs a protocol: use tcp, udp or sctp, or port 0 for any protocol")
+        return {"ifindex": ifindex, "identity": identity, "dport": port, "proto": proto,
+                "direction": direction_number(direction)}  # fmt: skip
+
+    @staticmethod
+    def _check_ifindex(ifindex):
+        if not isinstance(ifindex, int) or isinstance(ifindex, bool) or not 1 <= ifindex <= _M32:
+            raise ValueError(f"ifindex must be the interface index of the pod's host-side veth (1..{_M32}), "
+                             f"got {ifindex!r}")  # fmt: skip
+
+    def clear_drops(self):
+        """Remove every drop counter; returns how many there were."""
+        keys = self.drops.keys()
+        for key in keys:
+            self.drops.delete(key)
+        return len(keys)

@@ -102,6 +102,19 @@ def test_constants_match_the_header():
         m.SVC_F_GLOBAL, m.SVC_F_SHARED, m.SVC_F_AFFINITY_LOCAL]  # fmt: skip
 
 
+def test_policy_constants_match_the_header():
+    assert int(DEFINES["CM_CT_POLICY"]) == m.CT_POLICY
+    assert [int(DEFINES[k]) for k in ("CM_ID_HOST", "CM_ID_WORLD", "CM_ID_REMOTE_NODE")] == [1, 2, 6]
+    assert (m.ID_HOST, m.ID_WORLD, m.ID_REMOTE_NODE) == (1, 2, 6)
+    assert (int(DEFINES["CM_EP_F_INGRESS"]), int(DEFINES["CM_EP_F_EGRESS"])) == (m.EP_F_INGRESS, m.EP_F_EGRESS)
+    assert (int(DEFINES["CM_DIR_INGRESS"]), int(DEFINES["CM_DIR_EGRESS"])) == (m.DIR_INGRESS, m.DIR_EGRESS)
+    reasons = {int(DEFINES[k]): k for k in ("CM_DROP_POLICY", "CM_DROP_NO_BACKEND", "CM_DROP_NAT")}
+    assert {reasons[n]: name for n, name in m.DROP_REASONS.items()} == {
+        "CM_DROP_POLICY": "policy", "CM_DROP_NO_BACKEND": "no-backend", "CM_DROP_NAT": "nat"}  # fmt: skip
+    # the map sizes the interface names
+    assert (DEFINES["CM_ENDPOINT_MAX"], DEFINES["CM_POLICY_MAX"], DEFINES["CM_DROP_MAX"]) == ("4096", "262144", "16384")
+
+
 @pytest.mark.skipif(not (shutil.which("clang") and shutil.which("bpftool")), reason="needs clang and bpftool")
 def test_clang_agrees_with_the_parsed_layouts(tmp_path):
     """The compiler's own layout (BTF of an object built from the header) equals the library's."""
@@ -193,7 +206,15 @@ class _FakeMaps(m.DatapathMaps):
         self.revnat = _FakePinned(m.REVNAT_MAP)
         self.ct = _FakePinned(m.CT_MAP)
         self.ipcache = _FakePinned(m.IPCACHE_MAP)
-        self._all = [self.service, self.backend, self.revnat, self.ct, self.ipcache]
+        self.endpoint = _FakePinned(m.ENDPOINT_MAP)
+        self.policy = _FakePinned(m.POLICY_MAP)
+        self.drops = _FakeDrops(m.DROP_MAP)
+        self._all = [self.service, self.backend, self.revnat, self.ct, self.ipcache, self.endpoint, self.policy,
+                     self.drops]  # fmt: skip
+
+
+class _FakeDrops(m.DropMap, _FakePinned):
+    pass
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (bpf(2))")
@@ -230,3 +251,78 @@ def test_ipcache_is_longest_prefix_match():
         assert maps.lookup_ipcache("10.3.0.1") is None
         assert maps.delete_ipcache("10.2.0.7/32")
         assert maps.lookup_ipcache("10.2.0.7")["identity"] == 2000
+
+
+def test_policy_and_drop_keys_are_laid_out_as_the_datapath_reads_them():
+    raw = m.POLICY_KEY.encode(ifindex=7, identity=65537, dport=80, proto=6, direction=m.DIR_EGRESS)
+    assert raw == (7).to_bytes(4, sys.byteorder) + (65537).to_bytes(4, sys.byteorder) + b"\x00\x50\x06\x01"
+    raw = m.DROP_KEY.encode(ifindex=7, identity=2, dport=443, proto=17, direction=m.DIR_INGRESS, reason=m.DROP_POLICY)
+    assert len(raw) == 16 and raw[8:13] == b"\x01\xbb\x11\x00\x01" and raw[13:] == bytes(3)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (bpf(2))")
+def test_endpoint_and_policy_helpers():
+    with _FakeMaps() as maps:
+        maps.write_endpoint(7, 65537, ingress=True)
+        assert maps.endpoint.lookup({"ifindex": 7}) == {"identity": 65537, "flags": m.EP_F_INGRESS}
+        maps.write_endpoint(7, 65537, ingress=True, egress=True)
+        assert maps.endpoint.lookup({"ifindex": 7})["flags"] == m.EP_F_INGRESS | m.EP_F_EGRESS
+        maps.write_policy(7, 65538, 80, "tcp", "ingress")
+        maps.write_policy(7, 0, 0, 0, m.DIR_EGRESS)
+        maps.write_policy(7, 2, 53, "UDP", "egress")
+        keys = maps.policy.keys()  # noqa: SIM118 (PinnedMap.keys(), not a dict)
+        assert sorted((k["identity"], k["dport"], k["proto"], k["direction"]) for k in keys) == [
+            (0, 0, 0, m.DIR_EGRESS), (2, 53, 17, m.DIR_EGRESS), (65538, 80, 6, m.DIR_INGRESS)]  # fmt: skip
+        assert maps.delete_policy(7, 65538, 80, 6, "ingress") and not maps.delete_policy(7, 65538, 80, 6, "ingress")
+        assert maps.delete_endpoint(7) and not maps.delete_endpoint(7)
+        with pytest.raises(ValueError, match=r"direction must be ingress or egress, got 'sideways'"):
+            maps.write_policy(7, 1, 80, "tcp", "sideways")
+        with pytest.raises(ValueError, match=r"policy protocol must be any \(0\), tcp \(6\), udp \(17\) or sctp"):
+            maps.write_policy(7, 1, 80, "icmp", "ingress")
+        with pytest.raises(ValueError, match=r"a port \(80\) needs a protocol"):
+            maps.write_policy(7, 1, 80, "any", "ingress")
+        with pytest.raises(ValueError, match=r"ifindex must be the interface index .* got 0"):
+            maps.write_endpoint(0, 1)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (bpf(2))")
+def test_drops_lists_the_counters_with_names():
+    with _FakeMaps() as maps:
+        assert maps.drops() == []
+        key = {"ifindex": 9, "identity": 2, "dport": 81, "proto": 6, "direction": m.DIR_INGRESS,
+               "reason": m.DROP_POLICY}  # fmt: skip
+        maps.drops.update(key, {"packets": 3, "bytes": 180, "last_ns": 12345})
+        maps.drops.update(dict(key, identity=0, dport=80, direction=m.DIR_EGRESS, reason=m.DROP_NO_BACKEND),
+                          {"packets": 1, "bytes": 60, "last_ns": 1})  # fmt: skip
+        assert maps.drops() == [
+            {"ifindex": 9, "identity": 0, "port": 80, "proto": 6, "direction": "egress", "reason": "no-backend",
+             "packets": 1, "bytes": 60, "last_ns": 1},
+            {"ifindex": 9, "identity": 2, "port": 81, "proto": 6, "direction": "ingress", "reason": "policy",
+             "packets": 3, "bytes": 180, "last_ns": 12345},
+        ]  # fmt: skip
+        assert maps.clear_drops() == 2 and maps.drops() == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("bpftool"), reason="needs root and bpftool")
+def test_maps_pinned_by_an_older_object_without_the_policy_maps_are_named(tmp_path):
+    """The service maps of an older lb.o are pinned, the policy maps are not: a clear MapMismatchError.
+    Runs in a private mount namespace with its own bpffs: nothing is pinned in the machine's."""
+    types = {b.MapType.HASH: "hash", b.MapType.LRU_HASH: "lru_hash", b.MapType.LPM_TRIE: "lpm_trie"}
+    create = "".join(
+        f"bpftool map create $D/{s.name} type {types[s.map_type]} key {s.key.size} value {s.value.size} "
+        f"entries 8 name {s.name} flags {s.flags}\n"
+        for s in (m.SERVICE_MAP, m.BACKEND_MAP, m.REVNAT_MAP, m.CT_MAP, m.IPCACHE_MAP)
+    )
+    pins = tmp_path / "pins"
+    pins.mkdir()
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        f"import sys\nsys.path[:0] = {sys.path!r}\n"
+        "from ansible_collections.clustermesh.core.plugins.module_utils import bpf_maps as m\n"
+        "try:\n    m.DatapathMaps(sys.argv[1])\nexcept m.MapMismatchError as exc:\n    print(exc)\n"
+    )
+    script = f"set -e\nD={pins}\nmount -t bpf bpf $D\n{create}{sys.executable} {probe} $D\n"
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    assert f"pinned map {pins}/cm_endpoint is missing while {pins}/cm_lb_svc exists" in out.stdout, out
+    assert "pinned by an older lb.o; reload the current datapath" in out.stdout, out
