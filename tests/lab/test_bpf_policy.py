@@ -245,13 +245,17 @@ def ifx(lab_pods, name):
 def drops(lab_pods):
     """{(endpoint name, peer identity, port, proto, direction, reason): packets}"""
     names = {p["ifindex"]: n for n, p in lab_pods["pods"].items()}
-    rows = maps_in_host("print(json.dumps(maps.drops()))")
-    return {
-        (names.get(r["ifindex"], r["ifindex"]), r["identity"], r["port"], r["proto"], r["direction"], r["reason"]): r[
-            "packets"
-        ]
-        for r in rows
-    }
+    found = {}
+    for r in maps_in_host("print(json.dumps(maps.drops()))"):
+        key = (names.get(r["ifindex"], r["ifindex"]), r["identity"], r["port"], r["proto"], r["direction"])
+        found[(*key, r["reason"])] = r["packets"]
+    return found
+
+
+def policy_ct(lab_pods):
+    """{(saddr, daddr, dport, proto)} of the CM_CT_POLICY conntrack entries."""
+    keys = maps_in_host("print(json.dumps([k for k in maps.ct.keys() if k['direction'] == bpf_maps.CT_POLICY]))")
+    return {(k["saddr"], k["daddr"], k["dport"], k["proto"]) for k in keys}
 
 
 def answered(results):
@@ -265,9 +269,12 @@ def test_lb_o_carries_the_policy_maps_and_unselected_endpoints_allow_everything(
     checks = [("tcp", server, 8080), ("tcp", server, 8081), ("udp", server, 5353), ("icmp", server, 0)]
     assert answered(probe("client", *checks)) == [True] * 4
     assert answered(probe("other", *checks)) == [True] * 4
+    assert policy_ct(dp) == set()  # no endpoint in cm_endpoint: no policy work at all
     # an endpoint with neither direction enforced is only conntracked
     maps_in_host("maps.write_endpoint(%d, %d)\nprint(1)" % (ifx(dp, "server"), IDS["server"]))
     assert answered(probe("client", *checks)) == [True] * 4
+    client = ip(dp, "client")
+    assert {(client, server, 8080, TCP), (client, server, 8081, TCP), (client, server, 5353, UDP)} <= policy_ct(dp)
     assert drops(dp) == {}
 
 
@@ -316,10 +323,7 @@ def test_egress_enforced_client_gets_its_replies_through_conntrack(dp):
     assert got[0] == ["server", ip(dp, "client"), server]  # the replies came back
     assert answered(got) == [True, False, False, False]
     assert answered(probe("other", ("tcp", ip(dp, "client"), 8080))) == [False]  # nothing gets in
-    ct = maps_in_host(
-        "print(json.dumps([k for k in maps.ct.keys() if k['direction'] == bpf_maps.CT_POLICY and k['dport'] == 8080]))"
-    )
-    assert {(k["saddr"], k["daddr"]) for k in ct} >= {(ip(dp, "client"), server)}
+    assert (ip(dp, "client"), server, 8080, TCP) in policy_ct(dp)
     found = drops(dp)
     assert found[("client", IDS["other"], 8080, TCP, "egress", "policy")] >= 1
     assert found[("client", IDS["server"], 5353, UDP, "egress", "policy")] >= 1
