@@ -528,6 +528,71 @@ def parse_service_declaration_key(key: str) -> ServiceDeclarationKey:
 
 
 # --------------------------------------------------------------------------------------------
+# clustermesh.core's own keys: network policies imported into this cluster
+# --------------------------------------------------------------------------------------------
+#
+#   cilium/clustermesh-core/policies/v1/<namespace>/<Kind>/<name>   policy JSON (policy.encode_policy)
+#
+# <Kind> is CiliumNetworkPolicy or NetworkPolicy, spelled as in the document.  Like the service
+# declarations, outside everything a remote cluster may read: policies are not propagated, each
+# cluster imports the ones it wants (module network_policy) and its node agents enforce them.
+
+POLICIES_PREFIX = OWN_PREFIX + "policies/v1/"
+POLICY_KINDS = ("CiliumNetworkPolicy", "NetworkPolicy")
+POLICY_NAME_MAX = 253
+# Kubernetes object names are DNS subdomains: DNS labels joined by '.'.
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+@dataclass(frozen=True)
+class PolicyKey:
+    namespace: str
+    kind: str
+    name: str
+
+    @property
+    def ref(self) -> str:
+        """``<namespace>/<Kind>/<name>``, as ``policy.Policy.ref``."""
+        return f"{self.namespace}/{self.kind}/{self.name}"
+
+
+def validate_policy_kind(kind: str) -> str:
+    if kind not in POLICY_KINDS:
+        raise KeyLayoutError(f"policy kind {kind!r} is not {' or '.join(POLICY_KINDS)}")
+    return kind
+
+
+def validate_policy_name(name: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise KeyLayoutError(f"policy name must be a non-empty string, got {name!r}")
+    if len(name) > POLICY_NAME_MAX or not _DNS_SUBDOMAIN_RE.match(name):
+        raise KeyLayoutError(
+            f"policy name {name!r} is not a DNS subdomain (lower-case letters, digits, '-' and '.', "
+            f"at most {POLICY_NAME_MAX} characters, starting and ending with a letter or digit)"
+        )
+    return name
+
+
+def policies_prefix(namespace: str | None = None) -> str:
+    if namespace is None:
+        return POLICIES_PREFIX
+    return f"{POLICIES_PREFIX}{validate_dns_label(namespace, 'namespace')}/"
+
+
+def policy_key(namespace: str, kind: str, name: str) -> str:
+    return f"{policies_prefix(namespace)}{validate_policy_kind(kind)}/{validate_policy_name(name)}"
+
+
+def parse_policy_key(key: str) -> PolicyKey:
+    """``cilium/clustermesh-core/policies/v1/<namespace>/<Kind>/<name>`` -> PolicyKey."""
+    rest = _strip_prefix(key, POLICIES_PREFIX, "policy")
+    namespace, kind, name = _split_exact(
+        rest, 3, key, "policy", "cilium/clustermesh-core/policies/v1/<namespace>/<Kind>/<name>"
+    )
+    return PolicyKey(validate_dns_label(namespace, "namespace"), validate_policy_kind(kind), validate_policy_name(name))
+
+
+# --------------------------------------------------------------------------------------------
 # clustermesh.core's own keys: the node agents' coordination inside one cluster
 # --------------------------------------------------------------------------------------------
 #

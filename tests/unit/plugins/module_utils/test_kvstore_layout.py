@@ -257,6 +257,92 @@ def test_parsers_reject_non_strings():
 
 
 # --------------------------------------------------------------------------------------------
+# network policies (clustermesh.core's own prefix)
+# --------------------------------------------------------------------------------------------
+
+
+def test_policy_key_round_trip():
+    key = L.policy_key("default", "CiliumNetworkPolicy", "allow-cross-cluster")
+    assert key == "cilium/clustermesh-core/policies/v1/default/CiliumNetworkPolicy/allow-cross-cluster"
+    parsed = L.parse_policy_key(key)
+    assert parsed == L.PolicyKey("default", "CiliumNetworkPolicy", "allow-cross-cluster")
+    assert parsed.ref == "default/CiliumNetworkPolicy/allow-cross-cluster"
+    # Kubernetes object names are DNS subdomains: dots allowed
+    key = L.policy_key("prod", "NetworkPolicy", "allow.web-80")
+    assert L.parse_policy_key(key) == L.PolicyKey("prod", "NetworkPolicy", "allow.web-80")
+
+
+def test_policies_prefix():
+    assert L.policies_prefix() == L.POLICIES_PREFIX == "cilium/clustermesh-core/policies/v1/"
+    assert L.policies_prefix("default") == "cilium/clustermesh-core/policies/v1/default/"
+    assert L.policy_key("default", "NetworkPolicy", "x").startswith(L.policies_prefix("default"))
+    # "default/" must not also be the prefix of namespace "default2"'s keys
+    assert not L.policy_key("default2", "NetworkPolicy", "x").startswith(L.policies_prefix("default"))
+    with pytest.raises(L.KeyLayoutError, match="namespace"):
+        L.policies_prefix("Default")
+
+
+def test_policies_are_invisible_to_remote_clusters():
+    """The remote role's read grants (etcd_auth) cover none of the policy keys; the admin's do."""
+    from ansible_collections.clustermesh.core.plugins.module_utils.control_plane import remote_read_keys
+
+    assert L.POLICIES_PREFIX.startswith(L.OWN_PREFIX)
+    key = L.policy_key("default", "CiliumNetworkPolicy", "p")
+    for grant, is_prefix in remote_read_keys("cluster1"):
+        assert not (key.startswith(grant) if is_prefix else key == grant), grant
+    assert key.startswith(L.ROOT)  # the node's admin user may write under cilium/
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "cilium/clustermesh-core/policies/v1/default/CiliumNetworkPolicy",
+        "cilium/clustermesh-core/policies/v1/default/CiliumNetworkPolicy/",
+        "cilium/clustermesh-core/policies/v1/default/CiliumNetworkPolicy/a/b",
+        "cilium/clustermesh-core/policies/v1/default/CiliumClusterwideNetworkPolicy/a",
+        "cilium/clustermesh-core/policies/v1/default/ciliumnetworkpolicy/a",
+        "cilium/clustermesh-core/policies/v1/Default/NetworkPolicy/a",
+        "cilium/clustermesh-core/policies/v1/default/NetworkPolicy/Allow",
+        "cilium/clustermesh-core/policies/v1/default/NetworkPolicy/a..b",
+        "cilium/clustermesh-core/policies/v1/default/NetworkPolicy/" + "a" * 254,
+        "cilium/clustermesh-core/services/v1/default/rebel-base",
+        "cilium/clustermesh-core/policies/v2/default/NetworkPolicy/a",
+    ],
+)
+def test_policy_key_rejects_malformed(key):
+    with pytest.raises(L.KeyLayoutError):
+        L.parse_policy_key(key)
+
+
+def test_policy_builder_names_the_bad_part():
+    with pytest.raises(L.KeyLayoutError, match="namespace 'Prod'"):
+        L.policy_key("Prod", "NetworkPolicy", "x")
+    with pytest.raises(L.KeyLayoutError, match="policy kind 'Policy' is not CiliumNetworkPolicy or NetworkPolicy"):
+        L.policy_key("default", "Policy", "x")
+    with pytest.raises(L.KeyLayoutError, match="policy name 'x_y' is not a DNS subdomain"):
+        L.policy_key("default", "NetworkPolicy", "x_y")
+    with pytest.raises(L.KeyLayoutError, match="non-empty"):
+        L.policy_key("default", "NetworkPolicy", "")
+    with pytest.raises(L.KeyLayoutError):
+        L.parse_policy_key(b"cilium/clustermesh-core/policies/v1/default/NetworkPolicy/x")
+
+
+def test_policy_kinds_and_names_agree_with_the_policy_model():
+    """Every policy the model accepts has a key, and the key's parts are the policy's."""
+    from ansible_collections.clustermesh.core.plugins.module_utils import policy as P
+
+    assert set(L.POLICY_KINDS) == set(P.KINDS)
+    doc = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "a." + "b" * 60 + ".c", "namespace": "prod"},
+        "spec": {"podSelector": {}},
+    }
+    pol = P.parse_policy(doc)
+    assert L.parse_policy_key(L.policy_key(pol.namespace, pol.kind, pol.name)).ref == pol.ref
+
+
+# --------------------------------------------------------------------------------------------
 # values
 # --------------------------------------------------------------------------------------------
 
