@@ -16,6 +16,9 @@ description:
     pod's own routes - ICMP echo (O(icmp_count) requests) and a TCP connection to the target's echo server.
     A target passes when both answer and the server saw the pod's own IP (O(source_ip)) as the client,
     that is, nothing NATed the traffic.
+  - A target may say, per protocol, that its path is expected to be denied (O(targets[].expect)). Such a
+    protocol passes when it gets no answer within O(deny_timeout) - no ICMP echo reply, no completed TCP
+    handshake - and fails when it answers. RV(results[].observed) tells what each protocol did.
   - With O(services), opens O(services[].count) TCP connections from the pod to each service's ClusterIP
     (load-balanced by the node agent's datapath to echo servers); a service passes when every connection is
     answered, no server saw another client address than O(source_ip), and every address in
@@ -72,6 +75,20 @@ options:
       port:
         description: The target's echo server port (default O(port)).
         type: int
+      expect:
+        description: What the path should do per protocol; a protocol not given is expected to be allowed.
+        type: dict
+        suboptions:
+          icmp:
+            description: Whether ICMP echo requests to the target should be answered.
+            type: str
+            choices: [allow, deny]
+            default: allow
+          tcp:
+            description: Whether a TCP connection to the target's echo server should be accepted.
+            type: str
+            choices: [allow, deny]
+            default: allow
   services:
     description: ClusterIPs to check from this pod (see the description).
     type: list
@@ -106,6 +123,14 @@ options:
     description: Seconds to wait for each reply.
     type: float
     default: 1.0
+  deny_timeout:
+    description:
+      - Seconds a protocol expected to be denied is given to answer anyway. Its ICMP requests go out
+        together and any reply counts; its TCP connection gets one SYN (the kernel retransmits after 1 s).
+      - Paths in a mesh answer in milliseconds, so 1 s is a wide margin that keeps a matrix of denials quick
+        (targets are checked in parallel).
+    type: float
+    default: 1.0
 """
 
 EXAMPLES = r"""
@@ -122,6 +147,7 @@ EXAMPLES = r"""
     source_ip: 10.1.0.2
     targets:
       - {name: c2-n1, ip: 10.2.0.2}
+      - {name: c2-n2, ip: 10.2.1.2, expect: {tcp: deny, icmp: deny}}
   register: probe
 
 - name: Check the cluster's ClusterIP of a global service reaches all four backends
@@ -152,13 +178,25 @@ results:
       description: The target's address.
       type: str
     ok:
-      description: ICMP and TCP answered and the server saw O(source_ip).
+      description: >-
+        Each protocol did what O(targets[].expect) says - by default ICMP and TCP answered and the server saw
+        O(source_ip).
       type: bool
+    expect:
+      description: The expectation checked, C({icmp, tcp}) of C(allow) or C(deny).
+      type: dict
+    observed:
+      description: >-
+        What each protocol did, C({icmp, tcp}) - C(allow) when it answered (an echo reply; a completed TCP
+        handshake), else C(deny).
+      type: dict
     icmp:
       description: C(ok), C(sent), C(received), C(rtt_ms) (median), C(detail).
       type: dict
     tcp:
-      description: C(ok), C(rtt_ms) (connect time), C(reply) (the server's JSON line), C(detail).
+      description: >-
+        C(ok), C(connected) (the handshake completed), C(rtt_ms) (connect time), C(reply) (the server's JSON
+        line), C(detail).
       type: dict
     source_seen:
       description: The client address the server saw.
@@ -226,6 +264,13 @@ def main():
                     name=dict(type="str", required=True),
                     ip=dict(type="str", required=True),
                     port=dict(type="int"),
+                    expect=dict(
+                        type="dict",
+                        options=dict(
+                            icmp=dict(type="str", choices=["allow", "deny"], default="allow"),
+                            tcp=dict(type="str", choices=["allow", "deny"], default="allow"),
+                        ),
+                    ),
                 ),
             ),
             services=dict(
@@ -242,10 +287,14 @@ def main():
             ),
             icmp_count=dict(type="int", default=3),
             timeout=dict(type="float", default=1.0),
+            deny_timeout=dict(type="float", default=1.0),
         ),
         supports_check_mode=True,
     )
     p = module.params
+    for option in ("timeout", "deny_timeout"):
+        if p[option] <= 0:
+            module.fail_json(msg="%s: %s is not a positive number of seconds" % (option, p[option]))
     changed = False
     try:
         if p["server"] == "started":
@@ -258,7 +307,11 @@ def main():
             if not module.check_mode:
                 stop_server(p["pod"])
         targets = [dict(t, port=t["port"] or p["port"]) for t in p["targets"]]
-        results = check_targets(targets, p["source_ip"], p["netns"], p["icmp_count"], p["timeout"]) if targets else []
+        results = (
+            check_targets(targets, p["source_ip"], p["netns"], p["icmp_count"], p["timeout"], p["deny_timeout"])
+            if targets
+            else []
+        )
         services = [dict(s, port=s["port"] or p["port"]) for s in p["services"]]
         service_results = (
             check_services(services, p["source_ip"], p["netns"], max(p["timeout"], 1.0) * 2) if services else []
