@@ -106,6 +106,8 @@ PROTO_UDP = 17
 PROTO_SCTP = 132
 PROTOCOL_NUMBERS = {"TCP": PROTO_TCP, "UDP": PROTO_UDP, "SCTP": PROTO_SCTP}
 PROTOCOL_NAMES = {PROTO_ANY: "ANY", PROTO_TCP: "TCP", PROTO_UDP: "UDP", PROTO_SCTP: "SCTP"}
+#: Endpoint label sets whose resolve() result is cached (beyond it the cache starts over).
+RESOLVE_CACHE_MAX = 4096
 #: The most ports one ``port``..``endPort`` range may span (each port is one policy-map entry).
 MAX_PORT_RANGE = 1024
 
@@ -335,7 +337,7 @@ def _check_fields(
     known = tuple(known)
     for key in obj:
         if key in unsupported:
-            raise _fail(_join(path, key), f"{NOT_SUPPORTED}{hint}")
+            raise _fail(_join(path, key), f"{key} {NOT_SUPPORTED}{hint}; remove it")
         if key not in known:
             raise _fail(_join(path, key), f"unknown field {key!r} (known fields here: {', '.join(sorted(known))})")
 
@@ -1064,6 +1066,10 @@ class PolicyRepository:
         # resolve cache
         self._resolved: dict[frozenset[tuple[str, str]], EndpointPolicy] = {}
         self._dependents: dict[Selector, set[frozenset[tuple[str, str]]]] = {}
+        # entries of one allow item (shared by every endpoint its rule selects)
+        self._item_entries: dict[tuple[str, _Item], frozenset[PolicyEntry]] = {}
+        self._items_by_selector: dict[Selector, set[tuple[str, _Item]]] = {}
+        self._dirty: set[Selector] = set()  # selectors whose selection changed since the last flush
 
     # --- policies ---------------------------------------------------------------------------
 
@@ -1099,6 +1105,14 @@ class PolicyRepository:
                 self._add_selector(selector)
         self._resolved.clear()
         self._dependents.clear()
+        self._item_entries.clear()
+        self._dirty.clear()
+        self._items_by_selector = {}
+        for _, rule in self._rules:
+            for direction, items in ((INGRESS, rule.ingress), (EGRESS, rule.egress)):
+                for item in items or ():
+                    for selector in item.peers or ():
+                        self._items_by_selector.setdefault(selector, set()).add((direction, item))
         self.revision += 1
         return True
 
@@ -1172,9 +1186,17 @@ class PolicyRepository:
                 changed.append(selector)
         if changed:
             self.revision += 1
-            for selector in changed:
-                for key in self._dependents.pop(selector, ()):
-                    self._resolved.pop(key, None)
+            self._dirty.update(changed)
+
+    def _flush(self) -> None:
+        """Drop the cached results that depend on selectors whose selection changed (done lazily, once
+        per resolve, so that a burst of identity changes costs one invalidation per selector)."""
+        for selector in self._dirty:
+            for key in self._dependents.pop(selector, ()):
+                self._resolved.pop(key, None)
+            for item_key in self._items_by_selector.get(selector, ()):
+                self._item_entries.pop(item_key, None)
+        self._dirty.clear()
 
     def _add_selector(self, selector: Selector) -> None:
         self._selections[selector] = {i for i, ident in self._idents.items() if selector.matches(ident)}
@@ -1202,10 +1224,27 @@ class PolicyRepository:
 
     # --- resolve ------------------------------------------------------------------------------
 
+    def _entries_of(self, direction: str, item: _Item) -> frozenset[PolicyEntry]:
+        key = (direction, item)
+        cached = self._item_entries.get(key)
+        if cached is not None:
+            return cached
+        if item.peers is None:
+            peers: set[int] = {ANY_IDENTITY}
+        else:
+            peers = set()
+            for selector in item.peers:
+                peers |= self._selections[selector]
+        result = frozenset(PolicyEntry(direction, peer, port, proto) for peer in peers for port, proto in item.ports)
+        self._item_entries[key] = result
+        return result
+
     def resolve(self, labels: Mapping[str, str]) -> EndpointPolicy:
         """The effective policy of an endpoint with these identity labels (cached per label set)."""
         normalised = _normalise_labels(labels)
         key = frozenset(normalised.items())
+        if self._dirty:
+            self._flush()
         cached = self._resolved.get(key)
         if cached is not None:
             return cached
@@ -1223,17 +1262,12 @@ class PolicyRepository:
                     continue
                 enforced[direction] = True
                 for item in items:
-                    if item.peers is None:
-                        peers: set[int] = {ANY_IDENTITY}
-                    else:
-                        peers = set()
-                        for selector in item.peers:
-                            used.add(selector)
-                            peers |= self._selections[selector]
-                    for peer in peers:
-                        for port, proto in item.ports:
-                            entries.add(PolicyEntry(direction, peer, port, proto))
+                    used.update(item.peers or ())
+                    entries |= self._entries_of(direction, item)
         result = EndpointPolicy(enforced[INGRESS], enforced[EGRESS], frozenset(entries), tuple(sorted(refs)))
+        if len(self._resolved) >= RESOLVE_CACHE_MAX:  # label sets of endpoints long gone: start over
+            self._resolved.clear()
+            self._dependents.clear()
         self._resolved[key] = result
         for selector in used:
             self._dependents.setdefault(selector, set()).add(key)

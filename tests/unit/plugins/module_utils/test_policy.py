@@ -402,43 +402,67 @@ def test_port_errors(port, message):
     "spec, message",
     [
         ({"egress": []}, "spec.endpointSelector: is required"),
-        ({"endpointSelector": {}, "ingressDeny": []}, "spec.ingressDeny: is not supported by clustermesh.core"),
-        ({"endpointSelector": {}, "egressDeny": []}, "spec.egressDeny: is not supported by clustermesh.core"),
-        ({"nodeSelector": {}}, "spec.nodeSelector: is not supported by clustermesh.core"),
-        ({"endpointSelector": {}, "enableDefaultDeny": {}}, "spec.enableDefaultDeny: is not supported"),
+        (
+            {"endpointSelector": {}, "ingressDeny": []},
+            "spec.ingressDeny: ingressDeny is not supported by clustermesh.core",
+        ),
+        (
+            {"endpointSelector": {}, "egressDeny": []},
+            "spec.egressDeny: egressDeny is not supported by clustermesh.core",
+        ),
+        ({"nodeSelector": {}}, "spec.nodeSelector: nodeSelector is not supported by clustermesh.core"),
+        (
+            {"endpointSelector": {}, "enableDefaultDeny": {}},
+            "spec.enableDefaultDeny: enableDefaultDeny is not supported",
+        ),
         ({"endpointSelector": {}, "egres": []}, "spec.egres: unknown field 'egres'"),
         ({"endpointSelector": {}, "ingress": None}, "spec.ingress: is null: give a list of rules ([] denies all"),
         ({"endpointSelector": {}, "ingress": {}}, "spec.ingress: must be a list of rules, got dict"),
-        ({"endpointSelector": {}, "egress": [{"toFQDNs": []}]}, "spec.egress[0].toFQDNs: is not supported"),
-        ({"endpointSelector": {}, "egress": [{"toServices": []}]}, "spec.egress[0].toServices: is not supported"),
-        ({"endpointSelector": {}, "egress": [{"toRequires": []}]}, "spec.egress[0].toRequires: is not supported"),
-        ({"endpointSelector": {}, "egress": [{"toNodes": []}]}, "spec.egress[0].toNodes: is not supported"),
-        ({"endpointSelector": {}, "egress": [{"toGroups": []}]}, "spec.egress[0].toGroups: is not supported"),
-        ({"endpointSelector": {}, "egress": [{"icmps": []}]}, "spec.egress[0].icmps: is not supported"),
-        ({"endpointSelector": {}, "ingress": [{"fromRequires": []}]}, "spec.ingress[0].fromRequires: is not supp"),
-        ({"endpointSelector": {}, "ingress": [{"fromNodes": []}]}, "spec.ingress[0].fromNodes: is not supported"),
-        ({"endpointSelector": {}, "ingress": [{"authentication": {}}]}, "spec.ingress[0].authentication: is not"),
+        ({"endpointSelector": {}, "egress": [{"toFQDNs": []}]}, "spec.egress[0].toFQDNs: toFQDNs is not supported"),
+        (
+            {"endpointSelector": {}, "egress": [{"toServices": []}]},
+            "spec.egress[0].toServices: toServices is not supported",
+        ),
+        (
+            {"endpointSelector": {}, "egress": [{"toRequires": []}]},
+            "spec.egress[0].toRequires: toRequires is not supported",
+        ),
+        ({"endpointSelector": {}, "egress": [{"toNodes": []}]}, "spec.egress[0].toNodes: toNodes is not supported"),
+        ({"endpointSelector": {}, "egress": [{"toGroups": []}]}, "spec.egress[0].toGroups: toGroups is not supported"),
+        ({"endpointSelector": {}, "egress": [{"icmps": []}]}, "spec.egress[0].icmps: icmps is not supported"),
+        (
+            {"endpointSelector": {}, "ingress": [{"fromRequires": []}]},
+            "spec.ingress[0].fromRequires: fromRequires is not supp",
+        ),
+        (
+            {"endpointSelector": {}, "ingress": [{"fromNodes": []}]},
+            "spec.ingress[0].fromNodes: fromNodes is not supported",
+        ),
+        (
+            {"endpointSelector": {}, "ingress": [{"authentication": {}}]},
+            "spec.ingress[0].authentication: authentication is not",
+        ),
         ({"endpointSelector": {}, "ingress": [{"toEndpoints": []}]}, "spec.ingress[0].toEndpoints: unknown field"),
         ({"endpointSelector": {}, "egress": [{"fromCIDR": []}]}, "spec.egress[0].fromCIDR: unknown field"),
         (
             {"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [{"port": "80"}], "rules": {"http": []}}]}]},
-            "spec.ingress[0].toPorts[0].rules: is not supported by clustermesh.core (L4 rules only",
+            "spec.ingress[0].toPorts[0].rules: rules is not supported by clustermesh.core (L4 rules only",
         ),
         (
             {"endpointSelector": {}, "ingress": [{"toPorts": [{"listener": {}}]}]},
-            "spec.ingress[0].toPorts[0].listener: is not supported",
+            "spec.ingress[0].toPorts[0].listener: listener is not supported",
         ),
         (
             {"endpointSelector": {}, "ingress": [{"toPorts": [{"serverNames": []}]}]},
-            "spec.ingress[0].toPorts[0].serverNames: is not supported",
+            "spec.ingress[0].toPorts[0].serverNames: serverNames is not supported",
         ),
         (
             {"endpointSelector": {}, "ingress": [{"toPorts": [{"terminatingTLS": {}}]}]},
-            "spec.ingress[0].toPorts[0].terminatingTLS: is not supported",
+            "spec.ingress[0].toPorts[0].terminatingTLS: terminatingTLS is not supported",
         ),
         (
             {"endpointSelector": {}, "ingress": [{"toPorts": [{"originatingTLS": {}}]}]},
-            "spec.ingress[0].toPorts[0].originatingTLS: is not supported",
+            "spec.ingress[0].toPorts[0].originatingTLS: originatingTLS is not supported",
         ),
         ({"endpointSelector": {}, "egress": [{"toEntities": ["galaxy"]}]}, "spec.egress[0].toEntities[0]: 'galaxy'"),
         (
@@ -768,7 +792,7 @@ def _random_policies(rng, count):
         if index % 10 == 0:
             rule["fromEntities" if index % 2 else "toEntities"] = ["cluster"]
         if index % 7 == 0:
-            rule["fromCIDR" if index % 2 else "toCIDR"] = [f"10.{index}.0.0/16"]
+            rule["fromCIDR" if index % 2 else "toCIDR"] = [f"10.{index % 256}.0.0/16"]
         direction = "ingress" if index % 2 else "egress"
         documents.append(
             cnp({"endpointSelector": {"matchLabels": {"name": rng.choice(names)}}, direction: [rule]}, f"p{index}")
@@ -811,3 +835,13 @@ def test_incremental_repository_matches_a_fresh_compile_at_scale():
     sample = policies[1].rules[0].ingress[0].peers[0]
     expected = {i for i, lab in current.items() if sample.matches(P._Ident(i, lab))}
     assert repo.selection(sample) == expected
+
+
+def test_resolve_cache_is_bounded_and_stays_correct(monkeypatch):
+    monkeypatch.setattr(P, "RESOLVE_CACHE_MAX", 3)
+    repo = repo_with(SEED)
+    for index in range(10):
+        assert repo.resolve(labels("x-wing", "cluster1", build=str(index))).entries == {E("egress", REBEL2, 0, 0)}
+    assert len(repo._resolved) <= 3
+    repo.remove_identity(REBEL2)
+    assert repo.resolve(labels("x-wing", "cluster1", build="9")).entries == set()
