@@ -183,6 +183,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.clustermesh.core.plugins.module_utils import kvstore_client, kvstore_config, policy
 from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_client import KVStoreError
+from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_config import KVStoreConfigError
 from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_connection import (
     CONNECTION_ARGUMENT_SPEC,
     CONNECTION_MUTUALLY_EXCLUSIVE,
@@ -487,6 +488,8 @@ def main():
                     )
     except KVStoreError as exc:
         module.fail_json(msg=f"kvstore: {exc}")
+    except KVStoreConfigError as exc:  # kvstore_config's own error (the file is missing or invalid)
+        module.fail_json(msg=f"kvstore_config: {exc}")
 
     result = dict(
         changed=bool(changes),
