@@ -374,7 +374,7 @@ def _selector_key(raw: Any, path: str, *, allow_reserved: bool) -> str:
         raise _fail(path, f"label source {source!r} of {raw!r} {NOT_SUPPORTED} (use k8s:, any: or reserved:)")
     if source == "reserved":
         if not allow_reserved:
-            raise _fail(path, f"reserved label {raw!r} cannot be used here (only in peer selectors)")
+            raise _fail(path, f"reserved label {raw!r} can only be used in matchLabels of fromEndpoints/toEndpoints")
         if key not in RESERVED_NAMES:
             raise _fail(
                 path,
@@ -398,9 +398,7 @@ def _label_value(value: Any, path: str) -> str:
     return value
 
 
-def _parse_selector(
-    value: Any, path: str, *, allow_reserved: bool, key_prefix: str = "", forbid_reserved_hint: str = ""
-) -> LabelSelector:
+def _parse_selector(value: Any, path: str, *, allow_reserved: bool, key_prefix: str = "") -> LabelSelector:
     """A Kubernetes LabelSelector.  ``key_prefix`` is put in front of every key (namespaceSelector)."""
     obj = _mapping(value, path, "a label selector (matchLabels and/or matchExpressions)")
     _check_fields(obj, path, ("matchLabels", "matchExpressions"))
@@ -523,9 +521,7 @@ def _expand_ports(port: int, end: int, protocols: Iterable[int]) -> list[tuple[i
 def _parse_cnp_port(value: Any, path: str) -> list[tuple[int, int]]:
     obj = _mapping(value, path, "a mapping with port, protocol and endPort")
     _check_fields(obj, path, ("port", "protocol", "endPort"))
-    if "port" not in obj:
-        raise _fail(_join(path, "port"), 'is required (use "0" for all ports)')
-    port = _port_number(obj["port"], _join(path, "port"), minimum=0)
+    port = 0 if obj.get("port") is None else _port_number(obj["port"], _join(path, "port"), minimum=0)
     protocol = obj.get("protocol", "ANY")
     if protocol == "ANY":
         protocols: tuple[int, ...] = (PROTO_TCP, PROTO_UDP, PROTO_SCTP)
@@ -550,8 +546,8 @@ def _parse_to_ports(value: Any, path: str) -> list[tuple[int, int]]:
             " (L4 rules only: ports with port, protocol and endPort)",
         )
         ports = obj.get("ports")
-        if ports is None or ports == []:
-            result.append((0, PROTO_ANY))
+        if ports is None or ports == []:  # a port rule without ports: every port (as port "0", protocol ANY)
+            result.extend(_expand_ports(0, 0, (PROTO_TCP, PROTO_UDP, PROTO_SCTP)))
             continue
         ppath = _join(ipath, "ports")
         for pindex, port in enumerate(_list(ports, ppath)):

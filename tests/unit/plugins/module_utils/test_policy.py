@@ -348,7 +348,7 @@ def test_rule_shapes():
     assert entries({"fromEndpoints": []}) == set()  # a present, empty peer list selects no peer
     assert entries({"toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}]}]}) == {E("ingress", 0, 53, UDP)}
     assert entries({"fromEntities": ["host"]}) == {E("ingress", 1, 0, 0)}
-    assert entries({"fromEntities": ["host"], "toPorts": [{}]}) == {E("ingress", 1, 0, 0)}
+    assert entries({"fromEntities": ["host"], "toPorts": [{}]}) == {E("ingress", 1, 0, p) for p in (TCP, UDP, SCTP)}
     # ingress: [] is enforced with no entries (deny all)
     repo = star_wars(repo_of(cnp({"endpointSelector": {}, "ingress": []})))
     result = repo.resolve(labels("x-wing", "cluster1"))
@@ -364,6 +364,8 @@ def test_ports():
     assert entries({"port": 80}) == {(80, TCP), (80, UDP), (80, SCTP)}  # ANY by default
     assert entries({"port": "80", "protocol": "ANY"}) == {(80, TCP), (80, UDP), (80, SCTP)}
     assert entries({"port": "0", "protocol": "TCP"}) == {(0, TCP)}
+    assert entries({"protocol": "UDP"}) == {(0, UDP)}  # no port: every port
+    assert entries({"port": 0}) == {(0, TCP), (0, UDP), (0, SCTP)}
     assert entries({"port": 8080, "endPort": 8082, "protocol": "UDP"}) == {(8080, UDP), (8081, UDP), (8082, UDP)}
     assert entries({"port": 1, "endPort": 1024, "protocol": "SCTP"}) == {(p, SCTP) for p in range(1, 1025)}
 
@@ -381,7 +383,6 @@ def test_ports():
         ({"port": 70000}, "spec.egress[0].toPorts[0].ports[0].port: port 70000 is outside 0..65535"),
         ({"port": -1}, "spec.egress[0].toPorts[0].ports[0].port: port -1 is outside 0..65535"),
         ({"port": True}, "spec.egress[0].toPorts[0].ports[0].port: True is not a port number"),
-        ({"protocol": "TCP"}, "spec.egress[0].toPorts[0].ports[0].port: is required"),
         ({"port": 80, "endPort": 79}, "spec.egress[0].toPorts[0].ports[0].endPort: 79 must be between port 80"),
         ({"port": 0, "endPort": 79}, "spec.egress[0].toPorts[0].ports[0].endPort: needs a port other than 0"),
         (
@@ -472,7 +473,7 @@ def test_port_errors(port, message):
         ({"endpointSelector": {"matchLabel": {}}}, "spec.endpointSelector.matchLabel: unknown field 'matchLabel'"),
         (
             {"endpointSelector": {"matchLabels": {"reserved:host": ""}}},
-            "spec.endpointSelector.matchLabels['reserved:host']: reserved label 'reserved:host' cannot be used here",
+            "spec.endpointSelector.matchLabels['reserved:host']: reserved label 'reserved:host' can only be",
         ),
         (
             {"endpointSelector": {}, "egress": [{"toEndpoints": [{"matchLabels": {"reserved:health": ""}}]}]},
