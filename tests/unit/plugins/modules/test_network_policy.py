@@ -9,6 +9,8 @@ trip: tests/lab/test_network_policy_module.py."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import textwrap
 
 import pytest
@@ -16,7 +18,13 @@ from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_client import KV
 from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_layout import POLICIES_PREFIX
-from ansible_collections.clustermesh.core.plugins.module_utils.policy import encode_policy, parse_policy
+from ansible_collections.clustermesh.core.plugins.module_utils.policy import (
+    RESERVED_WORLD,
+    PolicyRepository,
+    encode_policy,
+    load_policies,
+    parse_policy,
+)
 from ansible_collections.clustermesh.core.plugins.modules import network_policy as M
 from ansible_collections.clustermesh.core.tests.etcd_fixture import free_port
 
@@ -286,3 +294,82 @@ def test_apply_reports_a_refused_transaction():
     client = FakeClient([True, False])
     assert M.apply_changes(client, {}, changes) == f"{POLICIES_PREFIX}ns/NetworkPolicy/p128"
     assert len(client.txns) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# docs/policy.md: its examples are valid and mean what the text says
+# --------------------------------------------------------------------------------------------
+
+DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "docs", "policy.md")
+
+
+def doc_policies():
+    with open(DOCS, encoding="utf-8") as handle:
+        blocks = re.findall(r"```yaml\n(.*?)```", handle.read(), re.S)
+    found = {}
+    for block in blocks:
+        if block.startswith("- name:"):  # a task, not a policy
+            continue
+        for pol in load_policies(block, "docs/policy.md"):
+            found[pol.ref] = pol
+    return found
+
+
+def labels(name, cluster, namespace="default"):
+    return {
+        "name": name,
+        "io.cilium.k8s.policy.cluster": cluster,
+        "io.kubernetes.pod.namespace": namespace,
+        "io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name": namespace,
+    }
+
+
+IDENTITIES = {
+    1001: labels("x-wing", "cluster1"),
+    1002: labels("rebel-base", "cluster1"),
+    2001: labels("x-wing", "cluster2"),
+    2002: labels("rebel-base", "cluster2"),
+}
+
+
+def repository(*policies):
+    repo = PolicyRepository()
+    for identity, identity_labels in IDENTITIES.items():
+        repo.set_identity(identity, identity_labels)
+    repo.set_policies(policies)
+    return repo
+
+
+def test_docs_examples_are_valid_and_mean_what_the_text_says():
+    found = doc_policies()
+    assert set(found) == {
+        "default/CiliumNetworkPolicy/allow-cross-cluster",
+        "default/CiliumNetworkPolicy/rebel-base-from-cluster1",
+        "default/NetworkPolicy/rebel-base-from-cluster1",
+        "default/CiliumNetworkPolicy/api",
+    }
+    # the seed, in cluster1: x-wing -> rebel-base of cluster2 only; rebel-base is not selected
+    repo = repository(found["default/CiliumNetworkPolicy/allow-cross-cluster"])
+    x_wing = repo.resolve(IDENTITIES[1001])
+    assert x_wing.allows("egress", 2002, 80, 6) and not x_wing.allows("egress", 1002, 80, 6)
+    assert not repo.resolve(IDENTITIES[1002]).egress_enforced
+    # rebel-base in cluster2 accepts x-wing of cluster1 on TCP 80 only; the NetworkPolicy is the same
+    for ref in (
+        "default/CiliumNetworkPolicy/rebel-base-from-cluster1",
+        "default/NetworkPolicy/rebel-base-from-cluster1",
+    ):
+        rebel_base = repository(found[ref]).resolve(IDENTITIES[2002])
+        assert rebel_base.allows("ingress", 1001, 80, 6), ref
+        assert not rebel_base.allows("ingress", 2001, 80, 6), ref
+        assert not rebel_base.allows("ingress", 1001, 81, 6), ref
+        assert not rebel_base.allows("ingress", 1001, 80, 17), ref
+
+
+def test_docs_example_api_namespace_peers_port_range_and_cidr_except():
+    repo = repository(doc_policies()["default/CiliumNetworkPolicy/api"])
+    repo.set_identity(3001, labels("probe", "cluster2", namespace="empire"))
+    api = repo.resolve({**labels("api-1", "cluster1"), "app": "api"})
+    assert api.allows("ingress", 3001, 8080, 6) and api.allows("ingress", 3001, 8089, 6)
+    assert not api.allows("ingress", 3001, 8090, 6) and not api.allows("ingress", 1001, 8080, 6)
+    ten = repo.cidr_identities()["10.0.0.0/8"]
+    assert api.allows("egress", RESERVED_WORLD, 443, 6) and not api.allows("egress", ten, 443, 6)
