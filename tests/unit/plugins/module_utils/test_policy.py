@@ -265,6 +265,17 @@ def test_entities():
     assert peers(result, "ingress") == {XWING1, REBEL1, XWING2, REBEL2, P.RESERVED_HOST, P.RESERVED_REMOTE_NODE}
     assert peers(result, "egress") == {P.RESERVED_WORLD, cidr_id}
     assert {(e.port, e.protocol) for e in result.entries if e.direction == "egress"} == {(443, TCP)}
+    # the cluster entity follows identities as they come and go
+    repo.set_identity(0x30101, labels("u-wing", "cluster3"))
+    repo.remove_identity(REBEL1)
+    assert peers(repo.resolve(labels("x-wing", "cluster1")), "ingress") == {
+        XWING1,
+        XWING2,
+        REBEL2,
+        0x30101,
+        P.RESERVED_HOST,
+        P.RESERVED_REMOTE_NODE,
+    }
     one = {
         "all": {0},
         "host": {P.RESERVED_HOST},
