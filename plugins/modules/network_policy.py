@@ -284,9 +284,11 @@ def _definition_policies(definition):
         )
     policies = []
     for where, item in items:
+        if item is None:  # an empty YAML document (from_yaml_all of a file ending in ---), as in a file
+            continue
         if isinstance(item, str):  # a list of YAML texts
             policies.extend(load_policies(item, where))
-        elif _is_list_document(item):  # kind List / <Kind>List with items, as in a file
+        elif isinstance(item, list) or _is_list_document(item):  # a list, or kind List / <Kind>List with items
             try:
                 text = json.dumps(item)
             except (TypeError, ValueError) as exc:

@@ -159,6 +159,8 @@ def test_definition_forms():
     typed = {"kind": "NetworkPolicyList", "items": [{k: v for k, v in NP.items() if k != "kind"}]}
     assert refs(M.wanted_policies(None, [typed])) == [NP_REF]
     assert M.wanted_policies(None, []) == [] and M.wanted_policies(None, "") == []
+    # what from_yaml_all gives for a file: empty documents (None) and documents that are lists
+    assert refs(M.wanted_policies(None, [None, [CNP, NP], None])) == [CNP_REF, NP_REF]
 
 
 def test_src_files_and_directories(tmp_path):
