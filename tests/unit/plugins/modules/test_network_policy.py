@@ -147,8 +147,11 @@ def test_kvstore_config_defaults_to_the_nodes_file(monkeypatch, tmp_path, capsys
 # --------------------------------------------------------------------------------------------
 
 
+def refs(policies):
+    return [p.ref for p in policies]
+
+
 def test_definition_forms():
-    refs = lambda policies: [p.ref for p in policies]  # noqa: E731
     assert refs(M.wanted_policies(None, CNP)) == [CNP_REF]
     assert refs(M.wanted_policies(None, [CNP, NP])) == [CNP_REF, NP_REF]
     text = json.dumps(CNP) + "\n---\n" + json.dumps(NP)
@@ -173,8 +176,8 @@ def test_src_files_and_directories(tmp_path):
     (policies_dir / "a.json").write_text(json.dumps(other))
     (policies_dir / "README.md").write_text("not a policy")
     (policies_dir / ".hidden.yaml").write_text("not: [yaml")
-    refs = [p.ref for p in M.wanted_policies([str(one), str(policies_dir)], None)]
-    assert refs == [CNP_REF, "prod/NetworkPolicy/a", NP_REF]
+    found = refs(M.wanted_policies([str(one), str(policies_dir)], None))
+    assert found == [CNP_REF, "prod/NetworkPolicy/a", NP_REF]
 
 
 def test_a_file_that_is_not_utf8(tmp_path):
