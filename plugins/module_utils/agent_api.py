@@ -599,3 +599,9 @@ class AgentClient:
 
     def identities(self):
         return self.request("GET", API_PREFIX + "/identities")["identities"]
+
+    def policy(self, endpoint):
+        return self.request("GET", API_PREFIX + "/policy/" + urllib.parse.quote(endpoint, safe=""))["policy"]
+
+    def drops(self):
+        return self.request("GET", API_PREFIX + "/drops")["drops"]

@@ -25,9 +25,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .datapath_sync import FrontendSpec, IPCacheSpec, frontends_from_merged
+from .datapath_sync import EndpointPolicySpec, FrontendSpec, IPCacheSpec, frontends_from_merged
 from .health_check import Target
-from .mesh_state import KIND_IDENTITY, KIND_IPCACHE, KIND_NODE, KIND_SERVICE
+from .mesh_state import KIND_IDENTITY, KIND_IPCACHE, KIND_NODE, KIND_SERVICE, labels_as_dict
+from .policy import RESERVED_HOST, RESERVED_REMOTE_NODE, Policy, PolicyRepository
 from .services import (
     ClusterService,
     Endpoint,
@@ -39,6 +40,8 @@ from .services import (
 )
 
 ServiceKey = tuple[str, str]
+_RESERVED_NAMES = {1: "reserved:host", 2: "reserved:world", 6: "reserved:remote-node"}
+_PROTO_NAMES = {0: "ANY", 6: "TCP", 17: "UDP", 132: "SCTP"}
 
 
 def _packed(ip: str) -> bytes:
@@ -53,7 +56,7 @@ def _packed(ip: str) -> bytes:
 class Dirty:
     services: frozenset[ServiceKey]
     ipcache: bool
-    all_services: bool = False
+    policy: bool = False
 
 
 class MeshState:
@@ -72,21 +75,25 @@ class MeshState:
         self.cluster_ids: dict[str, int] = {cluster: cluster_id}
         self.endpoints: dict[tuple[str, str], dict[str, Any]] = {}  # this node's, from the agent API
         self.health: dict[Target, bool] = {}
+        self.policies: dict[str, Policy] = {}  # ref ("namespace/Kind/name") -> policy
+        self.policy = PolicyRepository()
         self._merged: dict[ServiceKey, Any] = {}
         self._exports_stale: set[ServiceKey] = set()  # declaration or slices changed: see take_export_changes
         self.conflicts: dict[ServiceKey, str] = {}  # services left out of the maps, and why
         self._frontends: dict[ServiceKey, list[FrontendSpec]] = {}
         self._dirty_services: set[ServiceKey] = set()
         self._dirty_ipcache = False
+        self._dirty_policy = False
         self.version = 0  # bumped by every change: what the export leader compares
         self._lock = threading.RLock()
         self.changed = threading.Condition(self._lock)
 
     # -- dirt -------------------------------------------------------------------------------
-    def _mark(self, service: ServiceKey | None = None, ipcache: bool = False) -> None:
+    def _mark(self, service: ServiceKey | None = None, ipcache: bool = False, policy: bool = False) -> None:
         if service is not None:
             self._dirty_services.add(service)
         self._dirty_ipcache |= ipcache
+        self._dirty_policy |= policy
         self.version += 1
         self.changed.notify_all()
 
@@ -94,20 +101,24 @@ class MeshState:
         with self._lock:
             self._dirty_services.update(self.declarations)
             self._dirty_services.update(self._frontends)
-            self._mark(ipcache=True)
+            self._mark(ipcache=True, policy=True)
 
     def take_dirty(self) -> Dirty:
         with self._lock:
-            dirty = Dirty(frozenset(self._dirty_services), self._dirty_ipcache)
+            dirty = Dirty(frozenset(self._dirty_services), self._dirty_ipcache, self._dirty_policy)
             self._dirty_services.clear()
             self._dirty_ipcache = False
+            self._dirty_policy = False
             return dirty
+
+    def _is_dirty(self) -> bool:
+        return bool(self._dirty_services or self._dirty_ipcache or self._dirty_policy)
 
     def wait_dirty(self, timeout: float) -> bool:
         with self._lock:
-            if not self._dirty_services and not self._dirty_ipcache:
+            if not self._is_dirty():
                 self.changed.wait(timeout)
-            return bool(self._dirty_services or self._dirty_ipcache)
+            return self._is_dirty()
 
     # -- events -----------------------------------------------------------------------------
     def set_cluster_id(self, cluster: str, cluster_id: int | None) -> None:
@@ -143,12 +154,25 @@ class MeshState:
                 per.pop(key, None)
             else:
                 per[key] = new
-            if kind == KIND_IPCACHE:
+            if kind == KIND_IDENTITY:
+                self._identity_changed(old, new)
+            elif kind in (KIND_IPCACHE, KIND_NODE):  # node addresses are ipcache entries too (host, remote-node)
                 self._mark(ipcache=True)
+
+    def _identity_changed(self, old: Any, new: Any) -> None:
+        revision = self.policy.revision
+        if old is not None and (new is None or new.id != old.id):
+            self.policy.remove_identity(old.id)
+        if new is not None:
+            self.policy.set_identity(new.id, labels_as_dict(new.labels))
+        if self.policy.revision != revision:
+            self._mark(policy=True)
 
     def forget_cluster(self, cluster: str) -> None:
         """Drop what is left of a cluster (its view was flushed with callbacks already)."""
         with self._lock:
+            for identity in list(self.identities.get(cluster, {}).values()):
+                self._identity_changed(identity, None)
             for table in (self.ipcache, self.identities, self.nodes):
                 table.pop(cluster, None)
             for service, per in list(self.remote_services.items()):
@@ -188,14 +212,40 @@ class MeshState:
                 self._mark(key)
 
     def put_endpoint(self, endpoint: dict[str, Any]) -> None:
+        """One of this node's endpoints, with ``identity``, ``identity_labels`` ({key: value}) and
+        ``ifindex`` (its host-side veth: the key of its policy in the datapath)."""
         with self._lock:
             self.endpoints[(endpoint["containerID"], endpoint["ifname"])] = endpoint
-            self._mark(ipcache=True)
+            self._mark(ipcache=True, policy=True)
 
     def delete_endpoint(self, endpoint: dict[str, Any]) -> None:
         with self._lock:
             if self.endpoints.pop((endpoint["containerID"], endpoint["ifname"]), None) is not None:
-                self._mark(ipcache=True)
+                self._mark(ipcache=True, policy=True)
+
+    def put_policy(self, ref: str, policy: Policy | None) -> None:
+        """An imported policy (None: removed)."""
+        with self._lock:
+            if policy is None:
+                if self.policies.pop(ref, None) is None:
+                    return
+            elif self.policies.get(ref) == policy:
+                return
+            else:
+                self.policies[ref] = policy
+            self._policies_changed()
+
+    def replace_policies(self, policies: Mapping[str, Policy]) -> None:
+        """Every imported policy (a full listing)."""
+        with self._lock:
+            if dict(policies) != self.policies:
+                self.policies = dict(policies)
+                self._policies_changed()
+
+    def _policies_changed(self) -> None:
+        cidrs = self.policy.cidr_identities()
+        self.policy.set_policies(self.policies.values())
+        self._mark(ipcache=self.policy.cidr_identities() != cidrs, policy=True)
 
     def set_health(self, target: Target, healthy: bool) -> None:
         with self._lock:
@@ -313,7 +363,76 @@ class MeshState:
                 if identity:
                     prefix = f"{endpoint['ip']}/32"
                     wanted[prefix] = IPCacheSpec(prefix, identity, node_ip, self.cluster_id)
+            # node addresses: policy tells this node (host) from other nodes (remote-node)
+            for per in self.nodes.values():
+                for node in per.values():
+                    for address in node.addresses:
+                        prefix = f"{address.ip}/32"
+                        if ":" not in prefix and prefix not in wanted:
+                            wanted[prefix] = IPCacheSpec(prefix, RESERVED_REMOTE_NODE, address.ip, node.cluster_id)
+            wanted[f"{node_ip}/32"] = IPCacheSpec(f"{node_ip}/32", RESERVED_HOST, node_ip, self.cluster_id)
+            # CIDRs of the policies: less specific than any endpoint, so they only name non-endpoint peers
+            for prefix, identity in self.policy.cidr_identities().items():
+                if prefix not in wanted:
+                    wanted[prefix] = IPCacheSpec(prefix, identity, "0.0.0.0", 0)
             return list(wanted.values())
+
+    def policy_specs(self) -> dict[int, EndpointPolicySpec]:
+        """The policy of each of this node's endpoints, keyed by ifindex. An endpoint that no policy
+        selects is there too, enforcing nothing: the datapath then tracks its connections, so the
+        replies of connections it opened before a policy selects it keep flowing. Endpoints whose
+        identity is not known yet are left out (no policy work at all)."""
+        with self._lock:
+            out: dict[int, EndpointPolicySpec] = {}
+            for endpoint in self.endpoints.values():
+                ifindex, labels = endpoint.get("ifindex"), endpoint.get("identity_labels")
+                if not ifindex or labels is None:
+                    continue
+                resolved = self.policy.resolve(labels)
+                entries = resolved.entries if resolved.ingress_enforced or resolved.egress_enforced else frozenset()
+                out[ifindex] = EndpointPolicySpec(
+                    endpoint["identity"], resolved.ingress_enforced, resolved.egress_enforced, entries
+                )
+            return out
+
+    def endpoint_policy_report(self, endpoint: Mapping[str, Any]) -> dict[str, Any]:
+        """What ``meshctl policy ENDPOINT`` shows: what is enforced, the policies selecting the
+        endpoint and its allow entries, peers named by their identities' labels."""
+        with self._lock:
+            labels = endpoint.get("identity_labels")
+            if labels is None:
+                return {"enforced": {"ingress": False, "egress": False}, "policies": [], "entries_by_peer": []}
+            resolved = self.policy.resolve(labels)
+            return {
+                "enforced": {"ingress": resolved.ingress_enforced, "egress": resolved.egress_enforced},
+                "policies": list(resolved.policies),
+                "entries_by_peer": self._entries_by_peer(resolved.entries),
+            }
+
+    def _entries_by_peer(self, entries) -> list[dict[str, Any]]:
+        names = {identity.id: identity for per in self.identities.values() for identity in per.values()}
+        cidrs = {number: prefix for prefix, number in self.policy.cidr_identities().items()}
+        rows = []
+        for entry in sorted(entries, key=lambda e: (e.direction, e.identity, e.port, e.protocol)):
+            known = names.get(entry.identity)
+            if entry.identity == 0:
+                peer = "any"
+            elif known is not None:
+                peer = ",".join(f"{k}={v}" for k, v in sorted(labels_as_dict(known.labels).items()))
+            elif entry.identity in cidrs:
+                peer = f"cidr:{cidrs[entry.identity]}"
+            else:
+                peer = _RESERVED_NAMES.get(entry.identity, f"identity {entry.identity}")
+            rows.append(
+                {
+                    "direction": entry.direction,
+                    "identity": entry.identity,
+                    "peer": peer,
+                    "port": entry.port,
+                    "protocol": _PROTO_NAMES.get(entry.protocol, str(entry.protocol)),
+                }
+            )
+        return rows
 
     # -- reporting --------------------------------------------------------------------------
     def identities_report(self) -> list[dict[str, Any]]:
@@ -355,4 +474,5 @@ class MeshState:
                 "identities": sum(len(per) for per in self.identities.values()),
                 "nodes": sum(len(per) for per in self.nodes.values()),
                 "endpoints": len(self.endpoints),
+                "policies": len(self.policies),
             }

@@ -57,7 +57,9 @@ SERVICE_MAP = bpf_maps.SERVICE_MAP.name  # cm_lb_svc
 BACKEND_MAP = bpf_maps.BACKEND_MAP.name  # cm_lb_be
 REVNAT_MAP = bpf_maps.REVNAT_MAP.name  # cm_lb_revnat
 IPCACHE_MAP = bpf_maps.IPCACHE_MAP.name  # cm_ipcache
-MAP_NAMES = (SERVICE_MAP, BACKEND_MAP, REVNAT_MAP, IPCACHE_MAP)
+ENDPOINT_MAP = bpf_maps.ENDPOINT_MAP.name  # cm_endpoint
+POLICY_MAP = bpf_maps.POLICY_MAP.name  # cm_policy
+MAP_NAMES = (SERVICE_MAP, BACKEND_MAP, REVNAT_MAP, IPCACHE_MAP, ENDPOINT_MAP, POLICY_MAP)
 
 MAX_BACKEND_ID = 0xFFFFFFFF
 MAX_REV_NAT_INDEX = 0xFFFF
@@ -76,6 +78,11 @@ _RN_KEY = struct.Struct("=HH")  # cm_lb_revnat_key: rev_nat_index, pad
 _RN_VALUE = struct.Struct("=4s2sH")  # cm_lb_revnat: address, port, pad
 _IPC_KEY = struct.Struct("=I4s")  # cm_ipcache_key: prefixlen, address
 _IPC_VALUE = struct.Struct("=I4sHBx")  # cm_ipcache_value: identity, tunnel_endpoint, cluster_id, flags, pad
+_EP_KEY = struct.Struct("=I")  # cm_endpoint_key: ifindex
+_EP_VALUE = struct.Struct("=IB3x")  # cm_endpoint: identity, flags, pad[3]
+_POL_KEY = struct.Struct("=II2sBB")  # cm_policy_key: ifindex, identity, dport (network order), proto, direction
+_POL_VALUE = struct.Struct("=II")  # cm_policy: flags, pad
+_DIRECTIONS = {"ingress": bpf_maps.DIR_INGRESS, "egress": bpf_maps.DIR_EGRESS}
 
 
 class CapacityError(RuntimeError):
@@ -109,6 +116,17 @@ class IPCacheSpec:
     identity: int
     tunnel_endpoint: str = "0.0.0.0"
     cluster_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPolicySpec:
+    """The policy of one endpoint (its host-side veth's ifindex is the key): which directions are
+    enforced and the allowed (direction, peer identity, port, protocol) entries (0 = any)."""
+
+    identity: int
+    ingress: bool
+    egress: bool
+    entries: frozenset  # of objects with .direction ("ingress"/"egress"), .identity, .port, .protocol
 
 
 def service_flags(options: Any) -> int:
@@ -420,6 +438,8 @@ class _State:
         self.next_be = 1
         self.next_rn = 1
         self.ipc: dict[bytes, bytes] = {}
+        self.ep: dict[bytes, bytes] = {}
+        self.pol: dict[bytes, bytes] = {}
 
     def copy(self) -> _State:
         new = _State.__new__(_State)
@@ -478,6 +498,9 @@ class DatapathSync:
         self._be = _access(maps.backend, bpf_maps.BACKEND_MAP)
         self._rn = _access(maps.revnat, bpf_maps.REVNAT_MAP)
         self._ipc = _access(maps.ipcache, bpf_maps.IPCACHE_MAP)
+        # policy maps: absent on test fakes of the service maps only
+        self._ep = _access(maps.endpoint, bpf_maps.ENDPOINT_MAP) if hasattr(maps, "endpoint") else None
+        self._pol = _access(maps.policy, bpf_maps.POLICY_MAP) if hasattr(maps, "policy") else None
         self.max_rev_nat_index = max_rev_nat_index
         self._parse = _Parser()
         self._fk_cache: dict[tuple, FrontendKey] = {}
@@ -534,13 +557,19 @@ class DatapathSync:
         st.next_rn = _wrap(max([*st.rn, *st.rn_held], default=0) + 1, self.max_rev_nat_index)
         for key, value in self._ipc.read_all():
             st.ipc[key] = value
+        if self._ep is not None:
+            st.ep = dict(self._ep.read_all())
+            st.pol = dict(self._pol.read_all())
         self._st = st
         self._stale = False
 
     def counts(self) -> dict[str, int]:
         """Entries per map (as written by this process): cm_lb_svc, cm_lb_be, cm_lb_revnat, cm_ipcache."""
         st = self._st
-        return {SERVICE_MAP: st.svc_count, BACKEND_MAP: len(st.be), REVNAT_MAP: len(st.rn), IPCACHE_MAP: len(st.ipc)}
+        counts = {SERVICE_MAP: st.svc_count, BACKEND_MAP: len(st.be), REVNAT_MAP: len(st.rn), IPCACHE_MAP: len(st.ipc)}
+        if self._ep is not None:
+            counts.update({ENDPOINT_MAP: len(st.ep), POLICY_MAP: len(st.pol)})
+        return counts
 
     def backend_ids(self) -> dict[tuple[str, int, str], int]:
         """(backend ip, port, "TCP"/"UDP") -> backend_id of every backend in the map."""
@@ -900,41 +929,92 @@ class DatapathSync:
         started = time.perf_counter()
         if self._stale:
             self.adopt()
-        st = self._st
         desired: dict[bytes, bytes] = {}
         for spec in entries:
             key, value = self._ipcache_entry(spec)
             if key in desired:
                 raise ValueError(f"ipcache prefix {spec.prefix!r} is given twice")
             desired[key] = value
-        writes = [(k, v) for k, v in desired.items() if st.ipc.get(k) != v]
-        deletes = [k for k in st.ipc if k not in desired]
-        limit = self._ipc.max_entries
-        if len(desired) > limit:
+        result = SyncResult(seconds=0.0)
+        self._check_room(self._ipc, self._st.ipc, desired)
+        self._converge(self._ipc, self._st.ipc, desired, result)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    # -- policy -----------------------------------------------------------------------------
+
+    def sync_policy(self, endpoints: Mapping[int, EndpointPolicySpec]) -> SyncResult:
+        """Make cm_endpoint and cm_policy hold exactly the policy of ``endpoints`` (ifindex -> spec;
+        an endpoint left out allows everything). Order: new allow entries, then the endpoints'
+        enforcement flags, then what is no longer wanted, so an allowed flow is never dropped while
+        an endpoint becomes enforced. ValueError and CapacityError before anything is written."""
+        started = time.perf_counter()
+        if self._ep is None:
+            raise ValueError("these maps have no policy maps (cm_endpoint, cm_policy): load the current lb.o")
+        if self._stale:
+            self.adopt()
+        st = self._st
+        want_ep: dict[bytes, bytes] = {}
+        want_pol: dict[bytes, bytes] = {}
+        allow = _POL_VALUE.pack(0, 0)
+        for ifindex, spec in endpoints.items():
+            what = f"endpoint policy of ifindex {ifindex!r}"
+            ifindex = _uint(ifindex, 0xFFFFFFFF, what)
+            flags = (bpf_maps.EP_F_INGRESS if spec.ingress else 0) | (bpf_maps.EP_F_EGRESS if spec.egress else 0)
+            want_ep[_EP_KEY.pack(ifindex)] = _EP_VALUE.pack(_uint(spec.identity, 0xFFFFFFFF, what), flags)
+            for entry in spec.entries:
+                direction = _DIRECTIONS.get(entry.direction)
+                if direction is None:
+                    raise ValueError(f"{what}: direction {entry.direction!r} is not ingress or egress")
+                key = _POL_KEY.pack(
+                    ifindex,
+                    _uint(entry.identity, 0xFFFFFFFF, f"{what}: identity"),
+                    _uint(entry.port, 0xFFFF, f"{what}: port").to_bytes(2, "big"),
+                    _uint(entry.protocol, 0xFF, f"{what}: protocol"),
+                    direction,
+                )
+                want_pol[key] = allow
+        self._check_room(self._pol, st.pol, want_pol)
+        self._check_room(self._ep, st.ep, want_ep)
+        result = SyncResult()
+        self._converge(self._pol, st.pol, want_pol, result, deletes=False)
+        self._converge(self._ep, st.ep, want_ep, result)
+        self._converge(self._pol, st.pol, want_pol, result)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    # -- plain tables: desired bytes -> map ---------------------------------------------------
+
+    @staticmethod
+    def _check_room(access, copy: dict[bytes, bytes], desired: dict[bytes, bytes]) -> None:
+        if len(desired) > access.max_entries:
             raise CapacityError(
-                f"{IPCACHE_MAP} would hold {len(desired)} entries, more than its {limit} (max_entries); "
-                "nothing was written"
+                f"{access.name} would hold {len(desired)} entries, more than its {access.max_entries} "
+                "(max_entries); nothing was written"
             )
-        added = sum(1 for k, _value in writes if k not in st.ipc)
+
+    def _converge(self, access, copy, desired, result: SyncResult, deletes: bool = True) -> None:
+        """Write the entries of ``desired`` that differ from ``copy`` and (``deletes``) delete the
+        ones it does not want; ``copy`` follows. Deletes go first when old and new would not fit."""
+        writes = [(k, v) for k, v in desired.items() if copy.get(k) != v]
+        gone = [k for k in copy if k not in desired] if deletes else []
+        added = sum(1 for k, _value in writes if k not in copy)
         try:
-            if len(st.ipc) + added > limit:  # no room for old and new together: delete first
-                self._ipc.delete_many(deletes)
-                self._ipc.update_many(writes)
+            if len(copy) + added > access.max_entries:
+                access.delete_many(gone)
+                access.update_many(writes)
             else:
-                self._ipc.update_many(writes)
-                self._ipc.delete_many(deletes)
+                access.update_many(writes)
+                access.delete_many(gone)
         except BaseException:
             self._stale = True
             raise
         for k, v in writes:
-            st.ipc[k] = v
-        for k in deletes:
-            del st.ipc[k]
-        return SyncResult(
-            written={IPCACHE_MAP: len(writes)},
-            deleted={IPCACHE_MAP: len(deletes)},
-            seconds=time.perf_counter() - started,
-        )
+            copy[k] = v
+        for k in gone:
+            del copy[k]
+        result.written[access.name] = result.written.get(access.name, 0) + len(writes)
+        result.deleted[access.name] = result.deleted.get(access.name, 0) + len(gone)
 
 
 class _IndexesExhausted(Exception):

@@ -62,6 +62,8 @@ from .services import ServiceError, decode_cluster_service, label_key_error, lab
 from .services import _load_object as load_json_object
 
 CLUSTER_LABEL = "io.cilium.k8s.policy.cluster"
+NAMESPACE_LABEL = "io.kubernetes.pod.namespace"  # the pod's namespace, as Cilium labels endpoints
+NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."  # + a label of the pod's namespace
 DEFAULT_LABEL_SOURCE = "k8s"
 NODE_SOURCE_LOCAL = "local"
 

@@ -5,7 +5,12 @@
 
 ::
 
-    meshctl [--socket PATH] [--timeout S] status|clusters|services|endpoints|identities [--json]
+    meshctl [--socket PATH] [--timeout S] status|clusters|services|endpoints|identities|drops [--json]
+    meshctl [--socket PATH] [--timeout S] policy ENDPOINT [--json]
+
+``policy ENDPOINT`` (a pod IP, host interface or container ID of this node) shows the policies that
+select the endpoint and the entries they allow, peers named by labels; ``drops`` the datapath's drop
+counters: which endpoint dropped what from or to which peer, and why.
 
 Prints a table (or the agent's JSON with ``--json``). Exit status: 0 success, 1 the agent is not
 reachable (the message names the socket), 2 bad usage, 3 the agent answered with an error.
@@ -23,7 +28,7 @@ from .agent_api import DEFAULT_SOCKET, DEFAULT_TIMEOUT, AgentClient, AgentReques
 
 EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_AGENT_ERROR = 0, 1, 2, 3
 _clock = time.time  # the "now" of LAST-SYNC ages (tests replace it)
-COMMANDS = ("status", "clusters", "services", "endpoints", "identities")
+COMMANDS = ("status", "clusters", "services", "endpoints", "identities", "policy", "drops")
 
 # command -> [(heading, how to get the cell from one row)]
 _TABLES = {
@@ -60,7 +65,26 @@ _TABLES = {
         ("CLUSTER", lambda r: r.get("cluster", "")),
         ("LABELS", lambda r: _labels(r.get("labels"))),
     ],
+    "drops": [
+        ("ENDPOINT", lambda r: r.get("endpoint") or "ifindex %s" % r.get("ifindex", "?")),
+        ("POD", lambda r: r.get("pod") or ""),
+        ("DIRECTION", lambda r: r.get("direction", "")),
+        ("PEER", lambda r: r.get("peer", "")),
+        ("PORT", lambda r: r.get("port") or "-"),
+        ("PROTO", lambda r: _PROTOS.get(r.get("proto"), r.get("proto", ""))),
+        ("REASON", lambda r: r.get("reason", "")),
+        ("PACKETS", lambda r: r.get("packets", "")),
+        ("BYTES", lambda r: r.get("bytes", "")),
+    ],
+    "policy": [
+        ("DIRECTION", lambda r: r.get("direction", "")),
+        ("PEER", lambda r: r.get("peer", "")),
+        ("IDENTITY", lambda r: r.get("identity", "")),
+        ("PORT", lambda r: r.get("port") or "any"),
+        ("PROTOCOL", lambda r: r.get("protocol", "")),
+    ],
 }
+_PROTOS = {0: "any", 1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
 
 
 def _labels(labels):
@@ -134,10 +158,30 @@ def format_status(status):
     return "\n".join(lines)
 
 
+def format_policy(report):
+    """``meshctl policy``: the endpoint, what is enforced, the selecting policies, then the entries."""
+    enforced = report.get("enforced") or {}
+    lines = [
+        "endpoint: %s (identity %s, %s)"
+        % (report.get("ip", "?"), report.get("identity", "?"), report.get("hostInterface", "?")),
+        "labels: %s" % (_labels(report.get("labels")) or "-"),
+        "ingress: %s" % ("enforced (default deny)" if enforced.get("ingress") else "not enforced (allow all)"),
+        "egress: %s" % ("enforced (default deny)" if enforced.get("egress") else "not enforced (allow all)"),
+        "policies: %s" % (", ".join(report.get("policies") or []) or "none select it"),
+    ]
+    rows = report.get("entries_by_peer") or []
+    if rows:
+        columns = _TABLES["policy"]
+        lines.append(format_table([h for h, _g in columns], [[get(r) for _h, get in columns] for r in rows]))
+    return "\n".join(lines)
+
+
 def render(command, answer):
     """What ``meshctl <command>`` prints for the agent's answer (the unwrapped value)."""
     if command == "status":
         return format_status(answer)
+    if command == "policy":
+        return format_policy(answer)
     columns = _TABLES[command]
     if not answer:
         return "no %s" % command
@@ -154,6 +198,7 @@ def parser():
         "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the agent (default %(default)s)"
     )
     p.add_argument("command", choices=COMMANDS)
+    p.add_argument("endpoint", nargs="?", help="policy: a pod IP, host interface or container ID of this node")
     p.add_argument("--json", action="store_true", help="print the agent's JSON answer")
     return p
 
@@ -166,9 +211,13 @@ def main(argv=None, stdout=None, stderr=None):
         args = parser().parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if (args.command == "policy") != (args.endpoint is not None):
+        stderr.write("meshctl: %s\n" % ("policy needs an ENDPOINT" if args.command == "policy" else
+                                        "only policy takes an ENDPOINT"))  # fmt: skip
+        return EXIT_USAGE
     client = AgentClient(args.socket, timeout=args.timeout)
     try:
-        answer = getattr(client, args.command)()
+        answer = client.policy(args.endpoint) if args.command == "policy" else getattr(client, args.command)()
     except AgentUnreachable as exc:
         stderr.write("meshctl: %s\n" % exc)
         return EXIT_UNREACHABLE

@@ -9,7 +9,8 @@ Threads, each with one job:
 * **local kvstore** (``_local_loop``): connects with the node's ``kvstore.yaml``, takes a lease,
   registers the node, lists and watches ``cilium/state/`` (validated through a
   :class:`remote_clusters.ClusterView` of the local cluster, like any remote one) and
-  ``cilium/clustermesh-core/`` (service declarations, backend slices, the export leader).
+  ``cilium/clustermesh-core/`` (service declarations, backend slices, the export leader, the
+  network policies this cluster imported).
   A lost connection or lease is retried; on a new lease everything the node publishes is
   written again.
 * **remote clusters**: :class:`remote_clusters.ClusterSet` over ``clusters.d/``; files added or
@@ -25,7 +26,8 @@ Threads, each with one job:
   cluster's export leadership when it is free (the leader publishes the ClusterServices and the
   heartbeat), writes the synced canaries after the initial sync, refreshes metrics.
 * **reconcile** (``_reconcile_loop``): waits for dirty state (:class:`agent_state.MeshState`),
-  merges the dirty services and writes the difference into the maps (:mod:`datapath_sync`).
+  merges the dirty services, resolves the policy of the node's endpoints against every identity
+  of every cluster (:mod:`policy`) and writes the difference into the maps (:mod:`datapath_sync`).
   It starts only after the initial sync (local listing done, each remote cluster synced or
   ``initial_sync_timeout`` passed): until then the maps keep what a previous agent wrote, so a
   restart (or ``kill -9``) changes nothing for traffic; the first sync then writes only the
@@ -39,6 +41,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -50,7 +53,16 @@ from .agent_config import AgentConfig, AgentConfigError, load_agent_config
 from .agent_state import MeshState
 from .health_check import HealthChecker
 from .kvstore_client import EVENT_PUT, KVStoreClient, KVStoreError
-from .mesh_state import StateError, make_ipcache_entry, make_node_record
+from .mesh_state import (
+    NAMESPACE_LABEL,
+    NAMESPACE_LABELS_PREFIX,
+    StateError,
+    labels_as_dict,
+    make_ipcache_entry,
+    make_node_record,
+    parse_label_string,
+)
+from .policy import PolicyError, decode_policy
 from .remote_clusters import ClusterSet, ClusterView
 from .services import (
     ServiceError,
@@ -115,6 +127,7 @@ class Meshd:
         self._last_heartbeat = 0.0
         self._canaries_written = False
         self._rejections_seen: dict[str, int] = {}
+        self.policy_rejections: dict[str, str] = {}  # kvstore key -> why the policy there was skipped
         self._watchers: list[Any] = []
         self._threads: list[threading.Thread] = []
 
@@ -304,8 +317,9 @@ class Meshd:
         self._wake_housekeeping.set()
 
     def _own_update(self, changes, full: bool) -> None:
-        """Declarations, backend slices and the leader key (``cilium/clustermesh-core/``)."""
+        """Declarations, backend slices, the leader key and policies (``cilium/clustermesh-core/``)."""
         if full:  # a (re)listing: what is not in it is gone
+            self._policy_update([(k, v) for k, v in changes if k.startswith(layout.POLICIES_PREFIX)], full=True)
             present = {key for key, _value in changes}
             for ns, name in list(self.state.declarations):
                 if layout.service_declaration_key(ns, name) not in present:
@@ -331,9 +345,37 @@ class Meshd:
                     self.state.put_slice(parsed.namespace, parsed.name, parsed.node, ips)
                 elif key == layout.SERVICE_EXPORT_LEADER_KEY:
                     self.leader_holder = None if value is None else value.decode("utf-8", "replace")
+                elif key.startswith(layout.POLICIES_PREFIX) and not full:
+                    self._policy_update([(key, value)], full=False)
             except (layout.KeyLayoutError, ServiceError, StateError) as exc:
                 log.warning("local kvstore: skipped %s: %s", key, exc)
                 self._failure(self.config.cluster_name, "invalid_value")
+
+    def _policy_update(self, changes, full: bool) -> None:
+        """Imported policies: a bad one is skipped (logged, counted, shown in status); the others apply."""
+        found = {}
+        for key, value in changes:
+            self.policy_rejections.pop(key, None)
+            try:
+                parsed = layout.parse_policy_key(key)
+                ref = f"{parsed.namespace}/{parsed.kind}/{parsed.name}"
+                policy = None if value is None else decode_policy(value, where=key)
+                if policy is not None and policy.ref != ref:
+                    raise PolicyError(f"{key}: the document is {policy.ref}, the key says {ref}")
+            except (layout.KeyLayoutError, PolicyError) as exc:
+                log.warning("local kvstore: policy skipped: %s", exc)
+                self.policy_rejections[key] = str(exc)
+                self._failure(self.config.cluster_name, "invalid_value")
+                continue
+            if full:
+                if policy is not None:
+                    found[ref] = policy
+            else:
+                self.state.put_policy(ref, policy)
+        if full:
+            present = {key for key, _value in changes}
+            self.policy_rejections = {k: v for k, v in self.policy_rejections.items() if k in present}
+            self.state.replace_policies(found)
 
     def _local_change(self, cluster, kind, key, old, new) -> None:
         self.state.apply_cluster_change(cluster, kind, key, old, new)
@@ -400,6 +442,7 @@ class Meshd:
             return
         try:
             self.datapath.attach(interface)
+            endpoint["ifindex"] = socket.if_nametoindex(interface)  # the key of its policy in the datapath
         except Exception as exc:  # noqa: BLE001 - a veth gone meanwhile; the pod has no service datapath
             log.warning("endpoint %s: cannot attach the datapath to %s: %s", endpoint["ip"], interface, exc)
             self._failure(self.config.cluster_name, "map_write")
@@ -407,10 +450,14 @@ class Meshd:
     def _publish_endpoint(self, allocator, endpoint: dict[str, Any]) -> None:
         from .agent_kvstore import publish_ipcache_entry
 
-        allocation = allocator.allocate(endpoint.get("labels") or {})
+        allocation = allocator.allocate(endpoint_identity_labels(endpoint))
         entry = make_ipcache_entry(endpoint["ip"], allocation.id, self.config.node_ip)
         publish_ipcache_entry(self.client, entry, self.lease)
-        stored = dict(endpoint, identity=allocation.id)
+        stored = dict(
+            endpoint,
+            identity=allocation.id,
+            identity_labels=labels_as_dict(parse_label_string(allocation.label_string)),
+        )
         self.state.put_endpoint(stored)
         self._count("local", "endpoint")
         log.info("endpoint %s: identity %d", endpoint["ip"], allocation.id)
@@ -570,6 +617,9 @@ class Meshd:
                     for (ns, name), why in self.state.conflicts.items():
                         if before.get((ns, name)) != why:
                             log.error("service %s/%s left out of the maps: %s", ns, name, why)
+                # policy before ipcache: a new peer's identity is allowed before the ipcache names it
+                if dirty.policy:
+                    result["policy"] = self.sync.sync_policy(self.state.policy_specs())
                 if dirty.ipcache:
                     result["ipcache"] = self.sync.sync_ipcache(self.state.ipcache_specs(self.config.node_ip))
             except Exception as exc:  # noqa: BLE001 - retried with everything marked dirty
@@ -585,6 +635,7 @@ class Meshd:
                 "seconds": round(elapsed, 6),
                 "services": len(dirty.services),
                 "ipcache": dirty.ipcache,
+                "policy": dirty.policy,
                 "result": {name: str(value) for name, value in result.items()},
             }
             if self.metrics is not None:
@@ -664,6 +715,8 @@ class Meshd:
             "leader": self.leader_holder,
             "clusters": clusters,
             "services": len(self.state.declarations),
+            "policies": sorted(self.state.policies),
+            "policy_rejections": dict(self.policy_rejections),
             "service_conflicts": {"/".join(key): why for key, why in self.state.conflicts.items()},
             "state": dict(self.state.counts()),
             "maps": self.sync.counts() if self.sync else {},
@@ -688,7 +741,63 @@ class Meshd:
             return {"endpoints": rows}
 
         api.route("GET", API_PREFIX + "/endpoints", endpoints)
+        api.route(
+            "GET", API_PREFIX + "/policy/{endpoint}", lambda r: {"policy": self.policy_report(r.params["endpoint"])}
+        )
+        api.route("GET", API_PREFIX + "/drops", lambda _r: {"drops": self.drops_report()})
         return api
+
+    def _find_endpoint(self, name: str) -> dict[str, Any]:
+        """An endpoint of this node by pod IP, host interface, container ID (or a prefix of it)."""
+        from .agent_api import ApiError
+
+        endpoints = list(self.state.endpoints.values())
+        exact = [e for e in endpoints if name in (e.get("ip"), e.get("hostInterface"), e.get("containerID"))]
+        found = exact or [e for e in endpoints if str(e.get("containerID", "")).startswith(name)]
+        if len(found) != 1:
+            known = ", ".join(sorted(e["ip"] for e in endpoints)) or "none"
+            why = "matches several endpoints" if found else "is not an endpoint of this node"
+            raise ApiError(404, f"{name!r} {why} (give a pod IP, host interface or container ID; endpoints: {known})")
+        return found[0]
+
+    def policy_report(self, name: str) -> dict[str, Any]:
+        endpoint = self._find_endpoint(name)
+        report = self.state.endpoint_policy_report(endpoint)
+        report.update({key: endpoint.get(key) for key in ("ip", "containerID", "hostInterface", "ifindex", "identity")})
+        report["labels"] = endpoint.get("identity_labels")
+        return report
+
+    def drops_report(self) -> list[dict[str, Any]]:
+        """The datapath's drop counters, with endpoints and peers named."""
+        by_ifindex = {e.get("ifindex"): e for e in self.state.endpoints.values()}
+        names = {row["id"]: row for row in self.state.identities_report()}
+        rows = []
+        for drop in self.maps.drops():
+            endpoint = by_ifindex.get(drop["ifindex"], {})
+            peer = names.get(drop["identity"])
+            rows.append(
+                dict(
+                    drop,
+                    endpoint=endpoint.get("ip"),
+                    pod=(endpoint.get("args") or {}).get("K8S_POD_NAME"),
+                    peer=",".join(peer["labels"]) if peer else _RESERVED.get(drop["identity"], str(drop["identity"])),
+                )
+            )
+        return sorted(rows, key=lambda row: (-row["packets"], str(row["endpoint"])))
+
+
+_RESERVED = {0: "-", 1: "reserved:host", 2: "reserved:world", 6: "reserved:remote-node"}
+
+
+def endpoint_identity_labels(endpoint: dict[str, Any]) -> dict[str, str]:
+    """The pod's labels plus its namespace as Cilium labels it (the namespace comes from CNI_ARGS
+    ``K8S_POD_NAMESPACE``, default ``default``): ``io.kubernetes.pod.namespace`` and the namespace's
+    ``kubernetes.io/metadata.name`` label, which NetworkPolicy namespaceSelectors match."""
+    namespace = (endpoint.get("args") or {}).get("K8S_POD_NAMESPACE") or "default"
+    labels = {k: v for k, v in (endpoint.get("labels") or {}).items() if k.split(":", 1)[-1] != NAMESPACE_LABEL}
+    labels[NAMESPACE_LABEL] = namespace
+    labels[NAMESPACE_LABELS_PREFIX + "kubernetes.io/metadata.name"] = namespace
+    return labels
 
 
 def _release_free_memory() -> None:

@@ -217,7 +217,9 @@ def tcp_connections(pod, vip, count):
 
 def test_maps_are_pinned_and_programs_attached_on_every_pod_veth(datapath):
     pins = run_in(PREFIX, HOST, "ls", PIN_ROOT).stdout.split()
-    assert sorted(pins) == ["cm_ct", "cm_ipcache", "cm_lb_be", "cm_lb_revnat", "cm_lb_svc"]
+    assert sorted(pins) == [
+        "cm_ct", "cm_drops", "cm_endpoint", "cm_ipcache", "cm_lb_be", "cm_lb_revnat", "cm_lb_svc", "cm_policy"
+    ]  # fmt: skip
     for veth, ids in datapath["prog_ids"].items():
         assert ids["ingress"] and ids["egress"] and ids["ingress"] != ids["egress"], (veth, ids)
         filters = run_in(PREFIX, HOST, "tc", "filter", "show", "dev", veth, "ingress").stdout

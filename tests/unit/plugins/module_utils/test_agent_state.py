@@ -7,9 +7,20 @@ from __future__ import annotations
 
 from ansible_collections.clustermesh.core.plugins.module_utils.agent_state import MeshState
 from ansible_collections.clustermesh.core.plugins.module_utils.mesh_state import (
+    KIND_IDENTITY,
     KIND_IPCACHE,
+    KIND_NODE,
     KIND_SERVICE,
+    Identity,
+    identity_label_string,
+    identity_labels,
     make_ipcache_entry,
+    make_node_record,
+)
+from ansible_collections.clustermesh.core.plugins.module_utils.policy import (
+    RESERVED_HOST,
+    RESERVED_REMOTE_NODE,
+    parse_policy,
 )
 from ansible_collections.clustermesh.core.plugins.module_utils.services import (
     build_cluster_service,
@@ -169,6 +180,114 @@ def test_ipcache_has_every_cluster_and_this_nodes_endpoints_at_once():
     state.put_endpoint({"containerID": "a", "ifname": "eth0", "ip": "10.1.0.2", "identity": 65536})
     assert state.take_dirty().ipcache
     specs = {s.prefix: (s.identity, s.tunnel_endpoint, s.cluster_id) for s in state.ipcache_specs("198.18.1.11")}
-    assert specs == {"10.2.0.2/32": (131072, "198.18.1.13", 2), "10.1.0.2/32": (65536, "198.18.1.11", 1)}
+    assert specs == {
+        "10.2.0.2/32": (131072, "198.18.1.13", 2),
+        "10.1.0.2/32": (65536, "198.18.1.11", 1),
+        "198.18.1.11/32": (RESERVED_HOST, "198.18.1.11", 1),  # this node: the host identity
+    }
     state.apply_cluster_change("cluster2", KIND_IPCACHE, "cilium/state/ip/v1/default/10.2.0.2", remote, None)
-    assert [s.prefix for s in state.ipcache_specs("198.18.1.11")] == ["10.1.0.2/32"]
+    assert sorted(s.prefix for s in state.ipcache_specs("198.18.1.11")) == ["10.1.0.2/32", "198.18.1.11/32"]
+
+
+# --- policy ------------------------------------------------------------------------------------------
+def identity(cluster, number, **labels):
+    labels.setdefault("io.kubernetes.pod.namespace", "default")
+    text = identity_label_string(cluster, labels)
+    return Identity(number, identity_labels(cluster, labels), text)
+
+
+def add_identity(state, cluster, ident):
+    state.apply_cluster_change(cluster, KIND_IDENTITY, f"cilium/state/identities/v1/id/{ident.id}", None, ident)
+
+
+ALLOW_CROSS_CLUSTER = {
+    "apiVersion": "cilium.io/v2",
+    "kind": "CiliumNetworkPolicy",
+    "metadata": {"name": "allow-cross-cluster"},
+    "spec": {
+        "endpointSelector": {"matchLabels": {"name": "x-wing", "io.cilium.k8s.policy.cluster": "cluster1"}},
+        "egress": [
+            {"toEndpoints": [{"matchLabels": {"name": "rebel-base", "io.cilium.k8s.policy.cluster": "cluster2"}}]}
+        ],
+    },
+}
+
+
+def policy_state():
+    state = MeshState("cluster1", 1, "c1-n1")
+    xwing = identity("cluster1", 65536, name="x-wing")
+    add_identity(state, "cluster1", xwing)
+    add_identity(state, "cluster1", identity("cluster1", 65537, name="rebel-base"))
+    labels = {label.key: label.value for label in xwing.labels}
+    state.put_endpoint(
+        {
+            "containerID": "a",
+            "ifname": "eth0",
+            "ip": "10.1.0.2",
+            "identity": 65536,
+            "identity_labels": labels,
+            "ifindex": 9,
+        }
+    )
+    state.put_endpoint(
+        {"containerID": "b", "ifname": "eth0", "ip": "10.1.0.3", "identity": 65537, "ifindex": 10,
+         "identity_labels": {"name": "rebel-base", "io.cilium.k8s.policy.cluster": "cluster1",
+                             "io.kubernetes.pod.namespace": "default"}}
+    )  # fmt: skip
+    state.take_dirty()
+    return state
+
+
+def test_endpoints_are_written_unenforced_until_a_policy_selects_them():
+    state = policy_state()
+    specs = state.policy_specs()
+    assert set(specs) == {9, 10}
+    assert all(not s.ingress and not s.egress and not s.entries for s in specs.values())
+
+
+def test_a_policy_and_a_remote_identity_make_the_endpoint_policy():
+    state = policy_state()
+    state.put_policy("default/CiliumNetworkPolicy/allow-cross-cluster", parse_policy(ALLOW_CROSS_CLUSTER))
+    dirty = state.take_dirty()
+    assert dirty.policy and not dirty.ipcache  # no CIDR in the policy: the ipcache is as it was
+    xwing = state.policy_specs()[9]
+    assert xwing.egress and not xwing.ingress and xwing.entries == frozenset()  # nothing in cluster2 yet
+    assert state.policy_specs()[10].entries == frozenset() and not state.policy_specs()[10].egress
+
+    add_identity(state, "cluster2", identity("cluster2", 131072, name="rebel-base"))
+    assert state.take_dirty().policy  # a remote identity the policy selects
+    assert {(e.direction, e.identity, e.port, e.protocol) for e in state.policy_specs()[9].entries} == {
+        ("egress", 131072, 0, 0)
+    }
+    add_identity(state, "cluster2", identity("cluster2", 131073, name="tie-fighter"))
+    assert not state.take_dirty().policy  # selected by nothing: no recompute
+
+    report = state.endpoint_policy_report(state.endpoints[("a", "eth0")])
+    assert report["enforced"] == {"ingress": False, "egress": True}
+    assert report["policies"] == ["default/CiliumNetworkPolicy/allow-cross-cluster"]
+    (row,) = report["entries_by_peer"]
+    assert row["identity"] == 131072 and "name=rebel-base" in row["peer"] and row["protocol"] == "ANY"
+
+    state.forget_cluster("cluster2")  # its identities go with it
+    assert state.take_dirty().policy and state.policy_specs()[9].entries == frozenset()
+    state.put_policy("default/CiliumNetworkPolicy/allow-cross-cluster", None)
+    assert state.take_dirty().policy and not state.policy_specs()[9].egress
+
+
+def test_policy_cidrs_and_node_addresses_are_ipcache_entries():
+    state = policy_state()
+    cidr_policy = {
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "to-outside"},
+        "spec": {"endpointSelector": {"matchLabels": {"name": "x-wing"}}, "egress": [{"toCIDR": ["198.19.255.0/24"]}]},
+    }
+    state.replace_policies({"default/CiliumNetworkPolicy/to-outside": parse_policy(cidr_policy)})
+    assert state.take_dirty().ipcache  # a new CIDR identity
+    node = make_node_record("c2-n1", "cluster2", 2, [("InternalIP", "198.18.1.13")], ipv4_alloc_cidr="10.2.0.0/24")
+    state.apply_cluster_change("cluster2", KIND_NODE, "cilium/state/nodes/v1/cluster2/c2-n1", None, node)
+    specs = {s.prefix: s.identity for s in state.ipcache_specs("198.18.1.11")}
+    assert specs["198.18.1.13/32"] == RESERVED_REMOTE_NODE and specs["198.18.1.11/32"] == RESERVED_HOST
+    cidr_identity = specs["198.19.255.0/24"]
+    assert cidr_identity >= 1 << 24
+    assert {(e.identity, e.port) for e in state.policy_specs()[9].entries} == {(cidr_identity, 0)}

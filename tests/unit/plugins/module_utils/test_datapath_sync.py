@@ -587,3 +587,95 @@ def test_real_kernel_maps_with_and_without_batch_operations(batch):
         assert len(ds.describe_ipcache(maps)) == 10
     finally:
         maps.close()
+
+
+# --- policy ----------------------------------------------------------------------------------------
+class PolicyFakeMaps(FakeMaps):
+    """FakeMaps plus cm_endpoint and cm_policy."""
+
+    def __init__(self, max_policy=None, **kwargs):
+        super().__init__(**kwargs)
+        self.endpoint = FakeMap(bpf_maps.ENDPOINT_MAP, self)
+        self.policy = FakeMap(bpf_maps.POLICY_MAP, self, max_policy)
+
+
+class Entry:
+    """What policy.PolicyEntry offers the writer."""
+
+    def __init__(self, direction, identity, port=0, protocol=0):
+        self.direction, self.identity, self.port, self.protocol = direction, identity, port, protocol
+
+
+def policy_spec(identity, ingress, egress, *entries):
+    return ds.EndpointPolicySpec(identity, ingress, egress, frozenset(entries))
+
+
+def test_policy_encodings_match_bpf_maps_layouts():
+    port_be = (80).to_bytes(2, "big")
+    assert ds._EP_KEY.pack(7) == bpf_maps.ENDPOINT_KEY.encode(ifindex=7)
+    assert ds._EP_VALUE.pack(65537, 3) == bpf_maps.ENDPOINT_VALUE.encode(identity=65537, flags=3)
+    assert ds._POL_KEY.pack(7, 131073, port_be, 6, 1) == bpf_maps.POLICY_KEY.encode(
+        ifindex=7, identity=131073, dport=80, proto=6, direction=1
+    )
+    assert ds._POL_VALUE.pack(0, 0) == bpf_maps.POLICY_VALUE.encode()
+
+
+def test_policy_entries_are_written_before_the_endpoint_is_enforced_and_removed_after():
+    maps = PolicyFakeMaps()
+    sync = DatapathSync(maps)
+    spec = policy_spec(65537, False, True, Entry("egress", 131073, 80, 6), Entry("egress", 131074))
+    result = sync.sync_policy({7: spec})
+    assert result.written == {"cm_policy": 2, "cm_endpoint": 1}
+    names = [op[1] for op in maps.ops]
+    assert names == ["cm_policy", "cm_policy", "cm_endpoint"], maps.ops  # allow entries first
+    (value,) = maps.endpoint.data.values()
+    assert dict(value)["flags"] == bpf_maps.EP_F_EGRESS and dict(value)["identity"] == 65537
+    keys = {(dict(k)["identity"], dict(k)["dport"], dict(k)["proto"], dict(k)["direction"]) for k in maps.policy.data}
+    assert keys == {(131073, 80, 6, bpf_maps.DIR_EGRESS), (131074, 0, 0, bpf_maps.DIR_EGRESS)}
+
+    maps.ops.clear()
+    assert not sync.sync_policy({7: spec}).changed  # nothing changed: no write
+    assert maps.ops == []
+
+    assert sync.sync_policy({}).deleted == {"cm_policy": 2, "cm_endpoint": 1}
+    assert [op[:2] for op in maps.ops] == [("delete", "cm_endpoint"), ("delete", "cm_policy"), ("delete", "cm_policy")]
+    assert not maps.endpoint.data and not maps.policy.data
+
+
+def test_policy_change_writes_only_the_difference():
+    maps = PolicyFakeMaps()
+    sync = DatapathSync(maps)
+    sync.sync_policy({7: policy_spec(65537, True, False, Entry("ingress", 131073, 80, 6))})
+    maps.ops.clear()
+    result = sync.sync_policy({7: policy_spec(65537, True, False, Entry("ingress", 131073, 81, 6))})
+    assert result.written == {"cm_policy": 1, "cm_endpoint": 0} and result.deleted == {"cm_policy": 1, "cm_endpoint": 0}
+    assert [op[0] for op in maps.ops] == ["update", "delete"]  # the new port is allowed before the old goes
+
+
+def test_policy_adopts_what_a_previous_agent_wrote():
+    maps = PolicyFakeMaps()
+    spec = {7: policy_spec(65537, True, True, Entry("ingress", 0, 53, 17))}
+    DatapathSync(maps).sync_policy(spec)
+    maps.ops.clear()
+    again = DatapathSync(maps)
+    again.adopt()
+    assert not again.sync_policy(spec).changed and maps.ops == []
+    assert again.counts()["cm_policy"] == 1 and again.counts()["cm_endpoint"] == 1
+
+
+def test_policy_errors_and_capacity_before_writing():
+    maps = PolicyFakeMaps(max_policy=2)
+    sync = DatapathSync(maps)
+    too_many = policy_spec(1, True, False, *(Entry("ingress", 100 + i) for i in range(3)))
+    with pytest.raises(CapacityError, match="cm_policy would hold 3 entries"):
+        sync.sync_policy({7: too_many})
+    with pytest.raises(ValueError, match="direction 'sideways'"):
+        sync.sync_policy({7: policy_spec(1, True, False, Entry("sideways", 5))})
+    with pytest.raises(ValueError, match="port"):
+        sync.sync_policy({7: policy_spec(1, True, False, Entry("ingress", 5, 70000, 6))})
+    assert maps.ops == []
+
+
+def test_policy_needs_the_policy_maps():
+    with pytest.raises(ValueError, match="no policy maps"):
+        DatapathSync(FakeMaps()).sync_policy({})

@@ -133,6 +133,75 @@ def test_clusters_and_services_tables(agent, monkeypatch):
     ]
 
 
+def test_policy_and_drops(agent):
+    seen = []
+
+    def policy(request):
+        seen.append(request.params["name"])
+        return {
+            "policy": {
+                "ip": "10.1.0.7",
+                "identity": 65537,
+                "hostInterface": "cm_0123456789a",
+                "labels": {"name": "x-wing"},
+                "enforced": {"ingress": False, "egress": True},
+                "policies": ["default/CiliumNetworkPolicy/allow-cross-cluster"],
+                "entries_by_peer": [
+                    {"direction": "egress", "identity": 131073, "peer": "name=rebel-base", "port": 0, "protocol": "ANY"}
+                ],
+            }
+        }
+
+    agent.api.route("GET", "/v1/policy/{name}", policy)
+    agent.api.route(
+        "GET",
+        "/v1/drops",
+        lambda _r: {
+            "drops": [
+                {
+                    "endpoint": "10.1.0.7",
+                    "pod": "xw-c1",
+                    "ifindex": 9,
+                    "direction": "egress",
+                    "peer": "name=rebel-base",
+                    "identity": 65538,
+                    "port": 80,
+                    "proto": 6,
+                    "reason": "policy",
+                    "packets": 3,
+                    "bytes": 180,
+                }
+            ]
+        },
+    )
+    status, out, err = ctl("--socket", agent.socket_path, "policy", "10.1.0.7")
+    assert (status, err, seen) == (0, "", ["10.1.0.7"])
+    lines = out.splitlines()
+    assert lines[:5] == [
+        "endpoint: 10.1.0.7 (identity 65537, cm_0123456789a)",
+        "labels: name=x-wing",
+        "ingress: not enforced (allow all)",
+        "egress: enforced (default deny)",
+        "policies: default/CiliumNetworkPolicy/allow-cross-cluster",
+    ]
+    assert lines[6].split() == ["egress", "name=rebel-base", "131073", "any", "ANY"]
+    status, out, _err = ctl("--socket", agent.socket_path, "drops")
+    assert status == 0
+    assert out.splitlines()[1].split() == [
+        "10.1.0.7",
+        "xw-c1",
+        "egress",
+        "name=rebel-base",
+        "80",
+        "TCP",
+        "policy",
+        "3",
+        "180",
+    ]
+    assert ctl("--socket", agent.socket_path, "policy")[0] == 2  # needs an endpoint
+    assert ctl("--socket", agent.socket_path, "drops", "10.1.0.7")[0] == 2
+
+
 def test_unreachable_agent_is_exit_1_naming_the_socket():
     status, out, err = ctl("--socket", "/tmp/cm-no-such-dir/meshd.sock", "status")
     assert status == 1 and out == ""
