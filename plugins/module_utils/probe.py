@@ -483,21 +483,19 @@ def _matches(name, host, hosts):
     return name in (ALL, host) or (name not in hosts and hosts.get(host) == name)
 
 
+def expectation(entries, client, target, hosts):
+    """{icmp, tcp} of one path: the last entry naming it wins, per protocol; default allow."""
+    cell = {proto: "allow" for proto in PROTOCOLS}
+    for entry in entries:
+        if _matches(entry["from"], client, hosts) and _matches(entry["to"], target, hosts):
+            for proto in PROTOCOLS if entry["protocol"] == "any" else (entry["protocol"],):
+                cell[proto] = entry["expect"]
+    return cell
+
+
 def resolve_expectations(entries, hosts):
     """{client: {target: {icmp, tcp}}} for every pair of distinct hosts; later entries win, default allow."""
-    paths = {}
-    for client in hosts:
-        row = paths[client] = {}
-        for target in hosts:
-            if target == client:
-                continue
-            cell = {proto: "allow" for proto in PROTOCOLS}
-            for entry in entries:
-                if _matches(entry["from"], client, hosts) and _matches(entry["to"], target, hosts):
-                    for proto in PROTOCOLS if entry["protocol"] == "any" else (entry["protocol"],):
-                        cell[proto] = entry["expect"]
-            row[target] = cell
-    return paths
+    return {c: {t: expectation(entries, c, t, hosts) for t in hosts if t != c} for c in hosts}
 
 
 def probe_labels(extra, where="connectivity_pod_labels"):
@@ -526,8 +524,9 @@ def expectation_plan(expect, hosts, pod_labels=None):
     ({host: cluster}) and each host's ``connectivity_pod_labels`` ({host: labels}):
 
     ``errors`` (every problem at once), ``expect`` (the entries, normalised), ``paths`` (see
-    :func:`resolve_expectations`), ``denied_tcp`` ({client: [targets its TCP is expected denied to]}:
-    the ClusterIP checks of those clients are skipped) and ``labels`` ({host: probe pod labels})."""
+    :func:`resolve_expectations`), ``denied_tcp`` ({client: [targets its TCP is expected denied to, itself
+    included when an entry names it on both sides]}: the ClusterIP checks of those clients are skipped)
+    and ``labels`` ({host: probe pod labels})."""
     entries, errors = check_expectations(expect, hosts)
     labels = {}
     for host in hosts:
@@ -536,7 +535,11 @@ def expectation_plan(expect, hosts, pod_labels=None):
     if errors:
         return {"errors": errors, "expect": entries, "paths": {}, "denied_tcp": {}, "labels": labels}
     paths = resolve_expectations(entries, hosts)
-    denied_tcp = {c: sorted(t for t, cell in row.items() if cell["tcp"] == "deny") for c, row in paths.items()}
+    # a client's own pod is one of its ClusterIP's backends (hairpin): 'to: all' or its cluster counts too
+    denied_tcp = {
+        c: sorted(t for t in hosts if (row[t] if t != c else expectation(entries, c, c, hosts))["tcp"] == "deny")
+        for c, row in paths.items()
+    }
     return {"errors": [], "expect": entries, "paths": paths, "denied_tcp": denied_tcp, "labels": labels}
 
 

@@ -16,7 +16,7 @@ def test_plan_resolves_expectations_and_labels_per_host():
     plan = FILTERS["connectivity_plan"](expect, HOSTS, {"c1-n1": {"role": "x-wing"}, "c2-n1": {}})
     assert plan["errors"] == []
     assert plan["paths"]["c1-n1"] == {"c2-n1": {"icmp": "allow", "tcp": "deny"}}
-    assert plan["denied_tcp"] == {"c1-n1": ["c2-n1"], "c2-n1": []}
+    assert plan["denied_tcp"] == {"c1-n1": ["c1-n1", "c2-n1"], "c2-n1": []}  # "all" includes its own pod
     assert plan["labels"] == {
         "c1-n1": {"app": "clustermesh-probe", "role": "x-wing"},
         "c2-n1": {"app": "clustermesh-probe"},

@@ -191,6 +191,10 @@ def test_plan_lists_tcp_denials_and_merges_probe_labels():
     assert plan["labels"]["c2-n1"] == {"app": "clustermesh-probe", "role": "rebel-base", "tier": "1"}
     assert plan["labels"]["c1-n1"] == {"app": "clustermesh-probe"}
     assert plan["expect"][1]["protocol"] == "icmp"
+    # a pod reaches itself through its ClusterIP (hairpin): an entry naming it on both sides counts
+    ingress = probe.expectation_plan([{"from": "all", "to": "c2-n1", "expect": "deny"}], HOSTS)
+    assert ingress["denied_tcp"] == {"c1-n1": ["c2-n1"], "c1-n2": ["c2-n1"], "c2-n1": ["c2-n1"], "c2-n2": ["c2-n1"]}
+    assert "c2-n1" not in ingress["paths"]["c2-n1"]
 
 
 def test_plan_refuses_labels_that_drop_the_probe_selector_or_are_invalid():
