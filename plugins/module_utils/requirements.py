@@ -20,6 +20,7 @@ PACKAGES = {
     "routing_state": "pyroute2",
     "agent_metrics": "prometheus_client",
     "pod_network": "pyroute2",
+    "policy": "PyYAML",
 }
 
 

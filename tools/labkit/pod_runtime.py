@@ -22,15 +22,15 @@ sys.path.insert(
 import cni_runtime as runtime  # noqa: E402  (the library, found through the path above)
 
 LAB_CNI_BIN_DIR = "/var/lib/cni/bin"  # lab hosts overlay /var/lib but not /opt (the machine's own)
-POD_NAMESPACE = "lab"  # K8S_POD_NAMESPACE given to plugins
+POD_NAMESPACE = "default"  # K8S_POD_NAMESPACE given to plugins unless the command names another
 PodError = runtime.PodRuntimeError
 check_pod_name = runtime.check_pod_name
 netns_path = runtime.netns_path
 parse_labels = runtime.labels_from_text
 
 
-def cmd_add(name, labels, cni_path):
-    state = runtime.add_pod(name, labels, cni_path, namespace=POD_NAMESPACE)
+def cmd_add(name, labels, cni_path, namespace=POD_NAMESPACE):
+    state = runtime.add_pod(name, labels, cni_path, namespace=namespace)
     ip = runtime.pod_ip(state["result"])
     print("pod %s: netns %s, container %s, %s %s" % (name, state["netns"], state["containerID"], state["ifname"], ip))
     print(ip or "")
@@ -60,7 +60,9 @@ def main(argv):
     try:
         action = argv[0] if argv else ""
         if action == "add":
-            return cmd_add(argv[1], parse_labels(argv[2] if len(argv) > 2 else ""), cni_path)
+            return cmd_add(
+                argv[1], parse_labels(argv[2] if len(argv) > 2 else ""), cni_path, *(argv[3:4] or [POD_NAMESPACE])
+            )
         if action == "del":
             return cmd_del(argv[1], cni_path)
         if action == "check":

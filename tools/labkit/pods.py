@@ -64,7 +64,7 @@ def cmd_add(args):
         parse_labels(args.labels)  # fail before entering the host
     except PodError as exc:
         raise LabError(str(exc)) from None
-    argv = _runtime_argv(lab, args.host, "add", args.name, args.labels or "")
+    argv = _runtime_argv(lab, args.host, "add", args.name, args.labels or "", args.namespace)
     return subprocess.run(argv, env=_env(args), check=False).returncode
 
 
@@ -158,11 +158,14 @@ def add_parser(sub, common):
         "add",
         parents=[prefix, cni],
         help="create a pod; the last line printed is its IP address",
-        usage="tools/lab pod add [--prefix P] [--labels k=v,...] HOST NAME",
+        usage="tools/lab pod add [--prefix P] [--labels k=v,...] [--namespace NS] HOST NAME",
     )
     p.add_argument("host", metavar="HOST")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--labels", default="", metavar="k=v,...", help="pod labels, passed as args.cni.labels")
+    p.add_argument(
+        "--namespace", default="default", metavar="NS", help="the pod's namespace, K8S_POD_NAMESPACE (%(default)s)"
+    )
     p.set_defaults(func=cmd_add)
 
     p = psub.add_parser("del", parents=[prefix, cni], help="stop the pod's processes, CNI DEL, remove its netns")
