@@ -371,3 +371,36 @@ def kvstore_code(body):
         "from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_client import KVStoreClient\n"
         "client = KVStoreClient.from_config_file('/etc/clustermesh/kvstore.yaml')\n" + textwrap.dedent(body)
     )
+
+
+CONNECTIVITY = os.path.join(REPO_ROOT, "playbooks", "connectivity.yml")
+DEATHSTAR_FROM_CLUSTER2_ONLY = {
+    "apiVersion": "cilium.io/v2",
+    "kind": "CiliumNetworkPolicy",
+    "metadata": {"name": "deathstar-from-cluster2"},
+    "spec": {
+        "endpointSelector": {"matchLabels": {"class": "deathstar"}},
+        "ingress": [{"fromEndpoints": [{"matchLabels": {"io.cilium.k8s.policy.cluster": "cluster2"}}]}],
+    },
+}
+
+
+def test_connectivity_playbook_checks_the_expected_matrix(clean, tmp_path):
+    """connectivity.yml with connectivity_expect: the policy's matrix passes, a wrong one fails naming the path."""
+    import_policies("cluster2", [DEATHSTAR_FROM_CLUSTER2_ONLY])
+    common = {
+        "connectivity_pod_labels": {"class": "deathstar"},
+        "connectivity_services": False,
+        "connectivity_report": str(tmp_path / "report.json"),
+    }
+    right = dict(common, connectivity_expect=[{"from": "c1-n1", "to": "c2-n1", "expect": "deny"}])
+    run = playbook(PREFIX, CONNECTIVITY, "-e", json.dumps(right), check=False)
+    assert run.returncode == 0, run.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["matrix"]["differences"] == [], report["matrix"]
+    # the same mesh against the default (all allowed): the denied path is reported, the play fails
+    wrong = dict(common, connectivity_cleanup=True)
+    run = playbook(PREFIX, CONNECTIVITY, "-e", json.dumps(wrong), check=False)
+    assert run.returncode != 0
+    assert "c1-n1 -> c2-n1 (" in run.output, run.output  # the failure line of the denied path
+    assert "c2-n1 -> c1-n1 (" not in run.output, run.output  # the other direction is allowed
