@@ -333,6 +333,7 @@ class DatapathBench:
         self.args = args
         self.servers = Servers()
         self.check_share = sd.ShareCheck(args.min_share, args.retries, args.retry_budget)
+        self.gate = datapath.QuietGate(args.max_busy, args.gate_wait, args.gate_budget)
         self.ksoftirqd = sd.ksoftirqd_pid(args.iperf_cpu) if args.iperf_cpu >= 0 else None
         self.conn_rate = os.path.join(BUILD_DIR, "conn_rate")
         self.lb_object = os.path.join(BUILD_DIR, "lb.o")
@@ -535,11 +536,12 @@ class DatapathBench:
     def measure(self, rounds: int) -> dict:
         samples = {sample_name(c, m): [] for c in CASES for m in METRICS}
         details: dict = {"iperf3": {c: [] for c in CASES}, "conn_rate": {c: [] for c in CASES}}
-        loads = []
+        loads, gates = [], []
         for r in range(rounds):
+            gates.append(self.gate.wait())  # a quiet machine before each round (bounded)
             loads.append(benchlib.load_average())
             order = datapath.path_order(CASES, r)
-            log("datapath round %d/%d (load %s)" % (r + 1, rounds, loads[-1]))
+            log("datapath round %d/%d (load %s; quiet gate %s)" % (r + 1, rounds, loads[-1], gates[-1]))
             iperf_runs = {c: [] for c in CASES}
             for _repeat in range(self.args.iperf_repeats):
                 for case in order:
@@ -598,6 +600,9 @@ class DatapathBench:
                 "and server pinned to CPU %d, %d runs per case and round interleaved, median of the clean runs; "
                 "every run has a port of its own (every connection is new to cm_ct)"
                 % (a.conn_time, CONN_WARMUP, a.cpu, a.conn_repeats),
+                "quiet gate (datapath.QuietGate) before each round: waits until other work uses at most %g of "
+                "all CPUs over 0.5 s, at most %g s per round and %g s per run"
+                % (a.max_busy, a.gate_wait, a.gate_budget),
                 "share check as in services_datapath.py: a run whose client and server got less than %g of "
                 "their CPU is taken again (at most %d times, %g s per benchmark run) and left out when it "
                 "stays below" % (a.min_share, a.retries, a.retry_budget),
@@ -619,6 +624,8 @@ class DatapathBench:
                 },
                 "versions": datapath.versions(),
                 "load_average_per_round": loads,
+                "quiet_gate_per_round": gates,
+                "quiet_gate": self.gate.summary(),
                 "after": after,
                 "share_check": self.check_share.summary(),
                 "details": details,
@@ -753,35 +760,31 @@ print(json.dumps(out))
 """
 
 RECOMPUTE_METRICS = (
-    "add_apply_cpu_s",
-    "add_resolve_cpu_s",
-    "add_sync_cpu_s",
-    "add_total_cpu_s",
-    "remove_apply_cpu_s",
-    "remove_resolve_cpu_s",
-    "remove_sync_cpu_s",
-    "remove_total_cpu_s",
-    "add_total_wall_s",
-    "remove_total_wall_s",
+    "add_apply_cpu_ms",
+    "add_resolve_cpu_ms",
+    "add_sync_cpu_ms",
+    "add_total_cpu_ms",
+    "remove_apply_cpu_ms",
+    "remove_resolve_cpu_ms",
+    "remove_sync_cpu_ms",
+    "remove_total_cpu_ms",
+    "add_total_wall_ms",
+    "remove_total_wall_ms",
     "one_add_cpu_ms_per_change",
     "one_remove_cpu_ms_per_change",
 )
+STEPS = ("apply", "resolve", "sync")
 
 
 def recompute_samples(rounds: list[dict], one_by_one: int) -> dict[str, list]:
-    """Per-round samples of the recompute benchmark from the child's rows (pure)."""
+    """Per-round samples (ms) of the recompute benchmark from the child's rows (seconds) (pure)."""
     samples: dict[str, list] = {m: [] for m in RECOMPUTE_METRICS}
     for row in rounds:
         for phase in ("add", "remove"):
-            for step in ("apply", "resolve", "sync"):
-                samples["%s_%s_cpu_s" % (phase, step)].append(row["%s_%s_cpu_s" % (phase, step)])
-            samples[phase + "_total_cpu_s"].append(
-                sum(row["%s_%s_cpu_s" % (phase, s)] for s in ("apply", "resolve", "sync"))
-            )
-            samples[phase + "_total_wall_s"].append(
-                sum(row["%s_%s_wall_s" % (phase, s)] for s in ("apply", "resolve", "sync"))
-            )
-        for phase in ("add", "remove"):
+            for step in STEPS:
+                samples["%s_%s_cpu_ms" % (phase, step)].append(row["%s_%s_cpu_s" % (phase, step)] * 1000.0)
+            samples[phase + "_total_cpu_ms"].append(sum(row["%s_%s_cpu_s" % (phase, s)] for s in STEPS) * 1000.0)
+            samples[phase + "_total_wall_ms"].append(sum(row["%s_%s_wall_s" % (phase, s)] for s in STEPS) * 1000.0)
             value = row["one_%s_cpu_s" % phase] * 1000.0 / one_by_one if one_by_one else None
             samples["one_%s_cpu_ms_per_change" % phase].append(value)
     return samples
@@ -826,7 +829,7 @@ def run_recompute(args) -> dict:
                row["one_remove_cpu_s"] * 1000 / max(1, args.one_by_one))
         )  # fmt: skip
     samples = recompute_samples(out["rounds"], args.one_by_one)
-    units = {m: ("ms" if m.endswith("_ms_per_change") else "s") for m in samples}
+    units = {m: "ms" for m in samples}
     return benchlib.section(
         samples,
         units=units,
@@ -838,7 +841,7 @@ def run_recompute(args) -> dict:
             "per round: %d identities of cluster2 added by apply_cluster_change (role r-0..r-99, tier t-0..t-19: "
             "about half match an ingress selector, half an egress one), then policy_specs() (resolve) and "
             "sync_policy(specs) (cm_endpoint/cm_policy writes); then the same removed, resolve, sync" % args.identities,
-            "*_cpu_s: time.process_time() of the step (the process's CPU time, all threads; the child runs "
+            "*_cpu_ms: time.process_time() of the step (the process's CPU time, all threads; the child runs "
             "nothing else), gc.collect() before each step; *_total_*: apply + resolve + sync",
             "one_*_cpu_ms_per_change: %d further identities added then removed one at a time, each change followed "
             "by its own policy_specs() + sync_policy (changes arriving one by one): CPU ms per change"
@@ -914,10 +917,11 @@ for line in sys.stdin:
 client.close()
 """
 
-# Poller in the agent's host: {"op": "wait", "identity", "ip", "present": bool, "timeout"} answers
-# {"ready"} at once, then {"seen": wall clock at the end of the poll that saw cm_policy's allow entry
-# (the endpoint's ifindex, identity, CONV_PORT, TCP, ingress) and cm_ipcache's entry ip -> identity both
-# present (or both gone), "polls"}; {"op": "endpoint"}: the endpoint's cm_endpoint entry once it is there.
+# Poller in the agent's host: {"op": "wait", "identity", "ip", "present": bool, "policy": bool, "timeout"}
+# answers {"ready"} at once, then {"seen": wall clock at the end of the poll that saw cm_ipcache's entry
+# ip -> identity and (policy) cm_policy's allow entry (the endpoint's ifindex, identity, CONV_PORT, TCP,
+# ingress) present (or gone), "polls"}; {"op": "endpoint", "wait_s"}: the endpoint's cm_endpoint entry once it is
+# enforced (or after wait_s).
 CONV_POLLER = r"""
 import json, socket, sys, time
 from ansible_collections.clustermesh.core.plugins.module_utils.bpf_maps import DatapathMaps
@@ -935,11 +939,14 @@ def open_maps(deadline):
             if time.time() > deadline:
                 raise SystemExit("maps in %s did not appear: %s" % (pin_dir, exc))
             time.sleep(0.01)
-def state(identity, ip):
+def state(identity, ip, policy):
+    entry = maps.ipcache.lookup({"prefixlen": 32, "address": ip})
+    cached = entry is not None and entry["identity"] == identity
+    if not policy:
+        return cached, cached
     allow = maps.policy.lookup({"ifindex": ifindex, "identity": identity, "dport": port, "proto": 6,
                                 "direction": 0}) is not None
-    entry = maps.ipcache.lookup({"prefixlen": 32, "address": ip})
-    return allow, entry is not None and entry["identity"] == identity
+    return allow, cached
 send({"ready": True, "ifindex": ifindex})
 for line in sys.stdin:
     cmd = json.loads(line)
@@ -947,7 +954,7 @@ for line in sys.stdin:
         break
     open_maps(time.time() + 30)
     if cmd["op"] == "endpoint":
-        deadline = time.time() + cmd["timeout"]
+        deadline = time.time() + cmd["wait_s"]
         while True:
             ep = maps.endpoint.lookup({"ifindex": ifindex})
             if ep is not None and ep["flags"] or time.time() > deadline:
@@ -960,7 +967,7 @@ for line in sys.stdin:
     deadline = time.time() + cmd["timeout"]
     polls = 0
     while True:
-        got = state(cmd["identity"], cmd["ip"])
+        got = state(cmd["identity"], cmd["ip"], cmd["policy"])
         now = time.time()
         polls += 1
         if got == want:
@@ -973,14 +980,17 @@ for line in sys.stdin:
 """
 
 
-def conv_identity(n: int) -> tuple[int, str, str]:
-    """The n-th identity of cluster2 the benchmark adds: (number, label string, pod IP)."""
+def conv_identity(n: int, selected: bool = True) -> tuple[int, str, str]:
+    """The n-th identity of cluster2 the benchmark adds: (number, label string, pod IP). ``selected``:
+    role=conv (the policy allows it), else role=other (no selector matches it: the reference)."""
     from ansible_collections.clustermesh.core.plugins.module_utils import mesh_state
 
-    labels = {"role": "conv", "app": "conv-%d" % n, "io.kubernetes.pod.namespace": "default"}
+    role = "conv" if selected else "other"
+    labels = {"role": role, "app": "%s-%d" % (role, n), "io.kubernetes.pod.namespace": "default"}
     labels["io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name"] = "default"
     text = mesh_state.identity_label_string("cluster2", labels)
-    return CONV_IDENTITY_BASE + n, text, "10.2.%d.%d" % (200 + n // 250 % 50, 1 + n % 250)
+    n = 2 * n + (0 if selected else 1)
+    return CONV_IDENTITY_BASE + n, text, "10.2.%d.%d" % (100 + n // 250 % 100, 1 + n % 250)
 
 
 class ConvergenceBench:
@@ -1050,7 +1060,7 @@ class ConvergenceBench:
         poller = self.procs["poller"] = HostProcess(
             "poller", AGENT_HOST, CONV_POLLER, self.ag.PIN_DIR, veth, str(CONV_PORT), timeout=60
         )
-        ep = poller.call(op="endpoint", timeout=120, **{"timeout": 90})
+        ep = poller.call(op="endpoint", timeout=120, wait_s=90)
         if not ep.get("endpoint") or not ep["endpoint"]["flags"]:
             tail = "\n".join(self.agent.log_lines()[-30:])
             raise RuntimeError("meshd never enforced %s's policy (cm_endpoint %r); log:\n%s" % (CONV_POD, ep, tail))
@@ -1061,11 +1071,13 @@ class ConvergenceBench:
         self.layout = kvstore_layout
         log("meshd enforces %s (cm_endpoint %s)" % (CONV_POD, ep))
 
-    def change(self, n: int, add: bool) -> dict:
-        identity, text, ip = conv_identity(n)
+    def change(self, n: int, add: bool, selected: bool = True) -> dict:
+        """One identity with its ipcache entry added (removed) in cluster2; the latency until c1-n1's maps
+        hold (lack) the ipcache entry and, for a ``selected`` identity, its allow entry."""
+        identity, text, ip = conv_identity(n, selected)
         id_key, ip_key = self.layout.identity_key(identity), self.layout.ip_key(ip)
         poller, writer = self.procs["poller"], self.procs["writer2"]
-        poller.send(op="wait", identity=identity, ip=ip, present=add, timeout=10.0)
+        poller.send(op="wait", identity=identity, ip=ip, present=add, policy=selected, timeout=10.0)
         if not poller.read(15).get("ready"):
             raise RuntimeError("poller not ready")
         if add:
@@ -1082,35 +1094,53 @@ class ConvergenceBench:
             "write_ms": (wrote["done"] - wrote["t"]) * 1e3,
         }
 
+    KINDS = ("add", "remove", "ref_add", "ref_remove")
+
     def measure(self, rounds: int, changes: int) -> dict:
-        samples = {k: [] for k in ("add_p50_ms", "add_p99_ms", "remove_p50_ms", "remove_p99_ms", "lost")}
-        pooled: dict = {"add": [], "remove": []}
+        samples = {"%s_%s_ms" % (k, p): [] for k in self.KINDS for p in ("p50", "p99")}
+        samples["lost"] = []
+        pooled: dict = {k: [] for k in self.KINDS}
         loads = []
         n = 0
         for r in range(rounds):
             loads.append(benchlib.load_average())
             log(
-                "convergence round %d/%d: %d identities added and removed (load %s)"
-                % (r + 1, rounds, changes // 2, loads[-1])
+                "convergence round %d/%d: %d selected and %d reference identities added and removed (load %s)"
+                % (r + 1, rounds, changes // 2, changes // 2, loads[-1])
             )
-            per = {"add": [], "remove": []}
-            for _j in range(changes // 2):
-                per["add"].append(self.change(n, True)["latency_ms"])
-                per["remove"].append(self.change(n, False)["latency_ms"])
+            per: dict = {k: [] for k in self.KINDS}
+            for j in range(changes // 2):
+                # interleaved, the order of the two kinds alternating
+                for selected in (True, False) if j % 2 == 0 else (False, True):
+                    prefix = "" if selected else "ref_"
+                    per[prefix + "add"].append(self.change(n, True, selected)["latency_ms"])
+                    per[prefix + "remove"].append(self.change(n, False, selected)["latency_ms"])
                 n += 1
             lost = 0
-            for kind in ("add", "remove"):
+            for kind in self.KINDS:
                 values = [v for v in per[kind] if v is not None]
                 lost += len(per[kind]) - len(values)
                 samples[kind + "_p50_ms"].append(benchlib.percentile(values, 50))
                 samples[kind + "_p99_ms"].append(benchlib.percentile(values, 99))
                 pooled[kind] += per[kind]
             samples["lost"].append(lost)
-            shown = [sd.num(samples[k][-1], "%.1f") for k in ("add_p50_ms", "add_p99_ms", "remove_p50_ms")]
-            shown.append(sd.num(samples["remove_p99_ms"][-1], "%.1f"))
-            log("  add p50 %s p99 %s ms; remove p50 %s p99 %s ms; lost %d" % (*shown, lost))
+            log(
+                "  "
+                + "; ".join(
+                    "%s p50 %s p99 %s ms"
+                    % (k, sd.num(samples[k + "_p50_ms"][-1], "%.1f"), sd.num(samples[k + "_p99_ms"][-1], "%.1f"))
+                    for k in self.KINDS
+                )
+                + "; lost %d" % lost
+            )
+        ratios = {
+            "%s_over_ref.%s" % (k, p): ("%s_%s_ms" % (k, p), "ref_%s_%s_ms" % (k, p))
+            for k in ("add", "remove")
+            for p in ("p50", "p99")
+        }
         return benchlib.section(
             samples,
+            ratios=ratios,
             targets={"add_p99_ms (remote identity added -> allowed)": ("medians.add_p99_ms", "<", CONV_TARGET_MS)},
             units={k: ("ms" if k.endswith("_ms") else "changes") for k in samples},
             notes=[
@@ -1122,8 +1152,11 @@ class ConvergenceBench:
                 "app=conv-<n>) and its ipcache entry, as cluster2's agent would; latency = start of the request -> "
                 "the first poll (every ~1 ms, in c1-n1) that sees cm_policy's allow entry for that identity and "
                 "cm_ipcache's entry; remove: both keys deleted in one transaction -> both gone",
-                "per round %d identities added and removed; samples: per-round p50/p99; extra.pooled over all rounds"
-                % (changes // 2),
+                "ref_add / ref_remove: the same with an identity no selector matches (role=other), timed until "
+                "cm_ipcache has (lacks) its entry: the mesh's convergence without policy work; ratios *_over_ref "
+                "per round (the two kinds interleaved, order alternating)",
+                "per round %d identities of each kind added and removed; samples: per-round p50/p99; extra.pooled "
+                "over all rounds" % (changes // 2),
             ],
             extra={
                 "setup": self.setup_info,
@@ -1182,8 +1215,11 @@ def report(benchmarks: dict, rounds: int) -> str:
             rrows = [[RATIO] + [(section["ratios"].get(ratio_name(m)) or {}).get("median") for m in RATIO_METRICS]]
             out.append(benchlib.format_table(["ratio (median of per-round ratios)", *RATIO_METRICS], rrows))
         else:
-            rows = [[m, _spread(section, m, rounds, "%.4f")] for m in section["samples"]]
+            rows = [[m, _spread(section, m, rounds, "%.3f")] for m in section["samples"]]
             out.append(benchlib.format_table(["%s metric" % name, "median [min-max]"], rows))
+            if section.get("ratios"):
+                rrows = [[r, doc["median"], doc["of_medians"]] for r, doc in section["ratios"].items()]
+                out.append(benchlib.format_table(["ratio", "median of per-round", "of medians"], rrows))
         targets = section.get("targets") or {}
         if targets:
             trows = [
@@ -1210,6 +1246,14 @@ def parse_args(argv=None):
     parser.add_argument("--min-share", type=float, default=0.9, help="retry samples below this CPU share (0.9)")
     parser.add_argument("--retries", type=int, default=3, help="attempts after the first per sample (default 3)")
     parser.add_argument("--retry-budget", type=float, default=90, help="seconds of retried samples per run (90)")
+    parser.add_argument(
+        "--max-busy",
+        type=float,
+        default=0.3,
+        help="before each round, wait until other work uses at most this share of all CPUs (default 0.3; 1: no wait)",
+    )
+    parser.add_argument("--gate-wait", type=float, default=60, help="seconds the quiet gate waits per round (60)")
+    parser.add_argument("--gate-budget", type=float, default=300, help="seconds it waits per run, at most (300)")
     # recompute
     parser.add_argument("--policies", type=int, default=100, help="recompute: policies (default 100)")
     parser.add_argument("--endpoints", type=int, default=20, help="recompute: local endpoints (default 20)")
