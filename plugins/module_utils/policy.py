@@ -47,7 +47,9 @@ from __future__ import annotations
 import copy
 import ipaddress
 import json
+import math
 import re
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,10 +194,10 @@ class LabelSelector:
         return self.labels[0]
 
     def names_key(self, key: str) -> bool:
-        return any(k == key for k, _ in self.labels) or any(k == key for k, _, _ in self.expressions)
+        return any(pair[0] == key for pair in self.labels) or any(expr[0] == key for expr in self.expressions)
 
     def is_reserved(self) -> bool:
-        return any(k.startswith("reserved:") for k, _ in self.labels)
+        return any(pair[0].startswith("reserved:") for pair in self.labels)
 
     def with_label(self, key: str, value: str) -> LabelSelector:
         labels = dict(self.labels)
@@ -245,7 +247,7 @@ class ClusterEntitySelector:
         return None
 
 
-Selector = LabelSelector | CIDRSelector | ClusterEntitySelector
+Selector = typing.Union[LabelSelector, CIDRSelector, ClusterEntitySelector]  # noqa: UP007 (sanity pylint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +349,7 @@ def _json_check(value: Any, path: str) -> None:
     if value is None or isinstance(value, str | bool | int):
         return
     if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
+        if math.isnan(value) or math.isinf(value):
             raise _fail(path, f"{value!r} is not a finite number")
         return
     if isinstance(value, list):
@@ -889,7 +891,7 @@ if yaml is not None:
 
     def _construct_mapping(loader: Any, node: Any, deep: bool = False) -> Any:
         seen: set[Any] = set()
-        for key_node, _ in node.value:
+        for key_node, _value_node in node.value:
             key = loader.construct_object(key_node, deep=True)
             try:
                 duplicate = key in seen
@@ -1104,7 +1106,7 @@ class PolicyRepository:
         self._item_entries.clear()
         self._dirty.clear()
         self._items_by_selector = {}
-        for _, rule in self._rules:
+        for _selector, rule in self._rules:
             for direction, items in ((INGRESS, rule.ingress), (EGRESS, rule.egress)):
                 for item in items or ():
                     for selector in item.peers or ():
@@ -1119,7 +1121,7 @@ class PolicyRepository:
     def _set_cidrs(self, prefixes: set[str]) -> None:
         for prefix in [p for p in self._cidr_ids if p not in prefixes]:
             self._update(self._cidr_ids.pop(prefix), None)
-        for prefix in sorted(prefixes - self._cidr_ids.keys(), key=lambda p: ipaddress.ip_network(p)):
+        for prefix in sorted(prefixes - self._cidr_ids.keys(), key=ipaddress.ip_network):
             identity = self._next_cidr_id
             self._next_cidr_id += 1
             self._cidr_ids[prefix] = identity

@@ -628,7 +628,7 @@ def test_policy_entries_are_written_before_the_endpoint_is_enforced_and_removed_
     assert result.written == {"cm_policy": 2, "cm_endpoint": 1}
     names = [op[1] for op in maps.ops]
     assert names == ["cm_policy", "cm_policy", "cm_endpoint"], maps.ops  # allow entries first
-    (value,) = maps.endpoint.data.values()
+    (value,) = list(maps.endpoint.data.values())
     assert dict(value)["flags"] == bpf_maps.EP_F_EGRESS and dict(value)["identity"] == 65537
     keys = {(dict(k)["identity"], dict(k)["dport"], dict(k)["proto"], dict(k)["direction"]) for k in maps.policy.data}
     assert keys == {(131073, 80, 6, bpf_maps.DIR_EGRESS), (131074, 0, 0, bpf_maps.DIR_EGRESS)}

@@ -819,7 +819,7 @@ def test_incremental_repository_matches_a_fresh_compile_at_scale():
     policies, names, clusters = _random_policies(rng, 100)
     repo = P.PolicyRepository()
     repo.set_policies(policies)
-    endpoints = [labels(rng.choice(names), rng.choice(clusters)) for _ in range(20)]
+    endpoints = [labels(rng.choice(names), rng.choice(clusters)) for _index in range(20)]
     for endpoint in endpoints:
         repo.resolve(endpoint)  # populate the cache so that invalidation is exercised
     current: dict[int, dict[str, str]] = {}

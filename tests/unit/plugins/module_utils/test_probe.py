@@ -225,7 +225,7 @@ def _full_listener():
     listener.listen(0)
     port = listener.getsockname()[1]
     fillers = []
-    for _ in range(2):
+    for _index in range(2):
         s = socket.socket()
         s.settimeout(0.3)
         try:
