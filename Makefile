@@ -46,6 +46,7 @@ demo: collection lab-up
 	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/site.yml
 	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/status.yml
 	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/connectivity.yml -e connectivity_report=$(CURDIR)/build/connectivity.json
+	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/policy_demo.yml -e connectivity_report=$(CURDIR)/build/connectivity-policy.json
 
 demo-down: lab-down
 
