@@ -538,12 +538,12 @@ class DatapathBench:
         details: dict = {"iperf3": {c: [] for c in CASES}, "conn_rate": {c: [] for c in CASES}}
         loads, gates = [], []
         for r in range(rounds):
-            gates.append(self.gate.wait())  # a quiet machine before each round (bounded)
             loads.append(benchlib.load_average())
             order = datapath.path_order(CASES, r)
-            log("datapath round %d/%d (load %s; quiet gate %s)" % (r + 1, rounds, loads[-1], gates[-1]))
+            log("datapath round %d/%d (load %s)" % (r + 1, rounds, loads[-1]))
             iperf_runs = {c: [] for c in CASES}
             for _repeat in range(self.args.iperf_repeats):
+                gates.append(self.gate.wait())  # a quiet machine before each pair of runs (bounded)
                 for case in order:
                     iperf_runs[case].append(self.iperf3(case))
             for case in order:
@@ -558,6 +558,7 @@ class DatapathBench:
                 )  # fmt: skip
             runs = {c: [] for c in CASES}
             for _repeat in range(self.args.conn_repeats):
+                gates.append(self.gate.wait())
                 for case in order:
                     runs[case].append(self.conn_sample(case))
             for case in order:
@@ -600,8 +601,8 @@ class DatapathBench:
                 "and server pinned to CPU %d, %d runs per case and round interleaved, median of the clean runs; "
                 "every run has a port of its own (every connection is new to cm_ct)"
                 % (a.conn_time, CONN_WARMUP, a.cpu, a.conn_repeats),
-                "quiet gate (datapath.QuietGate) before each round: waits until other work uses at most %g of "
-                "all CPUs over 0.5 s, at most %g s per round and %g s per run"
+                "quiet gate (datapath.QuietGate) before each pair of runs (one per case): waits until other work "
+                "uses at most %g of all CPUs over 0.5 s, at most %g s per pair and %g s per benchmark run"
                 % (a.max_busy, a.gate_wait, a.gate_budget),
                 "share check as in services_datapath.py: a run whose client and server got less than %g of "
                 "their CPU is taken again (at most %d times, %g s per benchmark run) and left out when it "
@@ -624,7 +625,7 @@ class DatapathBench:
                 },
                 "versions": datapath.versions(),
                 "load_average_per_round": loads,
-                "quiet_gate_per_round": gates,
+                "quiet_gate_per_pair": gates,
                 "quiet_gate": self.gate.summary(),
                 "after": after,
                 "share_check": self.check_share.summary(),
@@ -1250,9 +1251,9 @@ def parse_args(argv=None):
         "--max-busy",
         type=float,
         default=0.3,
-        help="before each round, wait until other work uses at most this share of all CPUs (default 0.3; 1: no wait)",
+        help="before each pair of runs, wait until other work uses at most this share of all CPUs (default 0.3)",
     )
-    parser.add_argument("--gate-wait", type=float, default=60, help="seconds the quiet gate waits per round (60)")
+    parser.add_argument("--gate-wait", type=float, default=60, help="seconds the quiet gate waits per pair (60)")
     parser.add_argument("--gate-budget", type=float, default=300, help="seconds it waits per run, at most (300)")
     # recompute
     parser.add_argument("--policies", type=int, default=100, help="recompute: policies (default 100)")
