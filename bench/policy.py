@@ -726,6 +726,27 @@ for r in range(p["rounds"]):
     first = (2 << 16) + 1000 + (r %% 8) * ids  # cluster2's range, fresh numbers for a few rounds
     new = [identity("cluster2", first + n, remote_labels(n + r * 7)) for n in range(ids)]
     row = {}
+    # one at a time: each change followed by its own resolve and sync (changes arriving one by one)
+    single = [identity("cluster2", first + ids + n, remote_labels(n)) for n in range(p["one_by_one"])]
+    def one_by_one(items, add, steps):
+        # steps: CPU seconds per step (apply, resolve, sync), summed over the changes
+        for i in items:
+            c0 = time.process_time()
+            state.apply_cluster_change("cluster2", "identity", identity_key(i.id), None if add else i,
+                                       i if add else None)
+            c1 = time.process_time()
+            specs = state.policy_specs()
+            c2 = time.process_time()
+            sync.sync_policy(specs)
+            c3 = time.process_time()
+            for step, seconds in zip(("apply", "resolve", "sync"), (c1 - c0, c2 - c1, c3 - c2)):
+                steps[step] = steps.get(step, 0.0) + seconds
+    def one_at_a_time(suffix):
+        for kind, add in (("add", True), ("remove", False)):
+            steps = {}
+            name = "one_" + kind + suffix
+            _none, row[name + "_cpu_s"], row[name + "_wall_s"] = cpu_and_wall(lambda: one_by_one(single, add, steps))
+            row[name + "_steps_cpu_s"] = steps
     for phase, changes in (("add", [(None, i) for i in new]), ("remove", [(i, None) for i in new])):
         def apply():
             for old, cur in changes:
@@ -737,15 +758,9 @@ for r in range(p["rounds"]):
         row[phase + "_map_writes"] = res.writes
         row[phase + "_policy_entries"] = sync.counts()["cm_policy"]
         row[phase + "_dirty"] = state.take_dirty().policy
-    # one at a time: each change followed by its own resolve and sync (changes arriving one by one)
-    single = [identity("cluster2", first + ids + n, remote_labels(n)) for n in range(p["one_by_one"])]
-    def one_by_one(items, add):
-        for i in items:
-            state.apply_cluster_change("cluster2", "identity", identity_key(i.id), None if add else i,
-                                       i if add else None)
-            sync.sync_policy(state.policy_specs())
-    _none, row["one_add_cpu_s"], row["one_add_wall_s"] = cpu_and_wall(lambda: one_by_one(single, True))
-    _none, row["one_remove_cpu_s"], row["one_remove_wall_s"] = cpu_and_wall(lambda: one_by_one(single, False))
+        if phase == "add":  # with the 1,000 identities (and their entries) present
+            one_at_a_time("_at_scale")
+    one_at_a_time("")  # with none of them
     row["policy_entries_after"] = sync.counts()["cm_policy"]
     out["rounds"].append(row)
 # a check of what the maps hold: one matching remote identity's entries, as the datapath reads them
@@ -773,6 +788,8 @@ RECOMPUTE_METRICS = (
     "remove_total_wall_ms",
     "one_add_cpu_ms_per_change",
     "one_remove_cpu_ms_per_change",
+    "one_add_at_scale_cpu_ms_per_change",
+    "one_remove_at_scale_cpu_ms_per_change",
 )
 STEPS = ("apply", "resolve", "sync")
 
@@ -786,8 +803,9 @@ def recompute_samples(rounds: list[dict], one_by_one: int) -> dict[str, list]:
                 samples["%s_%s_cpu_ms" % (phase, step)].append(row["%s_%s_cpu_s" % (phase, step)] * 1000.0)
             samples[phase + "_total_cpu_ms"].append(sum(row["%s_%s_cpu_s" % (phase, s)] for s in STEPS) * 1000.0)
             samples[phase + "_total_wall_ms"].append(sum(row["%s_%s_wall_s" % (phase, s)] for s in STEPS) * 1000.0)
-            value = row["one_%s_cpu_s" % phase] * 1000.0 / one_by_one if one_by_one else None
-            samples["one_%s_cpu_ms_per_change" % phase].append(value)
+            for suffix in ("", "_at_scale"):
+                value = row["one_%s%s_cpu_s" % (phase, suffix)] * 1000.0 / one_by_one if one_by_one else None
+                samples["one_%s%s_cpu_ms_per_change" % (phase, suffix)].append(value)
     return samples
 
 
@@ -823,11 +841,13 @@ def run_recompute(args) -> dict:
     for i, row in enumerate(out["rounds"]):
         log(
             "  round %d: add %d: apply %.3f + resolve %.3f + sync %.3f CPU s (%d map writes); remove: %.3f + "
-            "%.3f + %.3f; one by one: %.2f / %.2f CPU ms per change"
+            "%.3f + %.3f; one by one: %.2f / %.2f CPU ms per change (%.2f / %.2f with the %d present)"
             % (i + 1, args.identities, row["add_apply_cpu_s"], row["add_resolve_cpu_s"], row["add_sync_cpu_s"],
                row["add_map_writes"], row["remove_apply_cpu_s"], row["remove_resolve_cpu_s"], row["remove_sync_cpu_s"],
                row["one_add_cpu_s"] * 1000 / max(1, args.one_by_one),
-               row["one_remove_cpu_s"] * 1000 / max(1, args.one_by_one))
+               row["one_remove_cpu_s"] * 1000 / max(1, args.one_by_one),
+               row["one_add_at_scale_cpu_s"] * 1000 / max(1, args.one_by_one),
+               row["one_remove_at_scale_cpu_s"] * 1000 / max(1, args.one_by_one), args.identities)
         )  # fmt: skip
     samples = recompute_samples(out["rounds"], args.one_by_one)
     units = {m: "ms" for m in samples}
@@ -845,8 +865,10 @@ def run_recompute(args) -> dict:
             "*_cpu_ms: time.process_time() of the step (the process's CPU time, all threads; the child runs "
             "nothing else), gc.collect() before each step; *_total_*: apply + resolve + sync",
             "one_*_cpu_ms_per_change: %d further identities added then removed one at a time, each change followed "
-            "by its own policy_specs() + sync_policy (changes arriving one by one): CPU ms per change"
-            % args.one_by_one,
+            "by its own policy_specs() + sync_policy (changes arriving one by one): CPU ms per change; "
+            "one_*_at_scale_*: the same while the %d identities of the add step are present (their 3,000-odd "
+            "entries in the maps: sync_policy compares the whole desired set each time)"
+            % (args.one_by_one, args.identities),
         ],
         extra={
             "parameters": params,
