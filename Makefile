@@ -15,7 +15,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/build/collections
 export ANSIBLE_FORCE_COLOR := 0
 
-.PHONY: help deps collection demo demo-down lab-up lab-down test lint sanity units lab-tests molecule bench bench-datapath bench-agent bench-services bpf clean
+.PHONY: help deps collection demo demo-down lab-up lab-down test lint sanity units lab-tests molecule bench bench-datapath bench-agent bench-services bench-policy bpf clean
 
 help:
 	@echo "make demo       install what is needed, build the lab, run playbooks/site.yml against it"
@@ -25,6 +25,7 @@ help:
 	@echo "make bench-datapath  pod-to-pod throughput and latency per routing mode (bench/results/datapath.json)"
 	@echo "make bench-agent     meshd convergence and 5,000-service scale (bench/results/agent.json)"
 	@echo "make bench-services  ClusterIP (bpf/lb.c) vs pod IP and vs nftables DNAT (bench/results/services_datapath.json)"
+	@echo "make bench-policy    1,000 policy rules vs none, agent recompute CPU, policy convergence (bench/results/policy.json)"
 
 deps:
 	@tools/install-deps
@@ -75,6 +76,7 @@ bench: collection
 	$(BIN)/python bench/datapath.py --rounds $(BENCH_ROUNDS)
 	$(BIN)/python bench/services_datapath.py --rounds $(BENCH_ROUNDS)
 	$(BIN)/python bench/agent.py --rounds $(BENCH_ROUNDS)
+	$(BIN)/python bench/policy.py --rounds $(BENCH_ROUNDS)
 
 # Pod-to-pod throughput and latency per routing mode against plain routing (issue 4), ~9 minutes.
 bench-datapath: collection
@@ -94,3 +96,7 @@ bench-agent: collection
 # The ClusterIP datapath against pod IP and an nftables DNAT of the same service (issue 5), ~3 minutes.
 bench-services: collection
 	$(BIN)/python bench/services_datapath.py --rounds $(BENCH_ROUNDS)
+
+# Network policy (issue 6): datapath with 1,000 rules vs none, agent recompute CPU, remote identity -> allowed; ~3-9 minutes.
+bench-policy: collection
+	$(BIN)/python bench/policy.py --rounds $(BENCH_ROUNDS)

@@ -506,6 +506,7 @@ class DatapathSync:
         self._fk_cache: dict[tuple, FrontendKey] = {}
         self._st = _State()
         self._stale = True  # the copy must be (re)read from the maps before the next diff
+        self._policy_by_endpoint: dict[int, tuple[EndpointPolicySpec, frozenset]] | None = None
 
     # -- reading the maps -------------------------------------------------------------------
 
@@ -560,6 +561,7 @@ class DatapathSync:
         if self._ep is not None:
             st.ep = dict(self._ep.read_all())
             st.pol = dict(self._pol.read_all())
+        self._policy_by_endpoint = None  # the next policy sync compares with the whole maps
         self._st = st
         self._stale = False
 
@@ -947,41 +949,91 @@ class DatapathSync:
         """Make cm_endpoint and cm_policy hold exactly the policy of ``endpoints`` (ifindex -> spec;
         an endpoint left out allows everything). Order: new allow entries, then the endpoints'
         enforcement flags, then what is no longer wanted, so an allowed flow is never dropped while
-        an endpoint becomes enforced. ValueError and CapacityError before anything is written."""
+        an endpoint becomes enforced. ValueError and CapacityError before anything is written.
+
+        Only endpoints whose spec changed since the last call (another object that is not equal) are
+        encoded and compared: one identity change costs the entries of the endpoints it touches, not
+        every entry of the node. After :meth:`adopt` the first call compares with the whole maps."""
         started = time.perf_counter()
         if self._ep is None:
             raise ValueError("these maps have no policy maps (cm_endpoint, cm_policy): load the current lb.o")
         if self._stale:
             self.adopt()
         st = self._st
-        want_ep: dict[bytes, bytes] = {}
-        want_pol: dict[bytes, bytes] = {}
+        known = self._policy_by_endpoint
+        if known is None:
+            changed, removed = dict(endpoints), []
+        else:
+            changed = {
+                i: spec
+                for i, spec in endpoints.items()
+                if i not in known or (known[i][0] is not spec and known[i][0] != spec)
+            }
+            removed = [i for i in known if i not in endpoints]
+        encoded = {i: self._endpoint_policy_entries(i, spec) for i, spec in changed.items()}
         allow = _POL_VALUE.pack(0, 0)
-        for ifindex, spec in endpoints.items():
-            what = f"endpoint policy of ifindex {ifindex!r}"
-            ifindex = _uint(ifindex, 0xFFFFFFFF, what)
-            flags = (bpf_maps.EP_F_INGRESS if spec.ingress else 0) | (bpf_maps.EP_F_EGRESS if spec.egress else 0)
-            want_ep[_EP_KEY.pack(ifindex)] = _EP_VALUE.pack(_uint(spec.identity, 0xFFFFFFFF, what), flags)
-            for entry in spec.entries:
-                direction = _DIRECTIONS.get(entry.direction)
-                if direction is None:
-                    raise ValueError(f"{what}: direction {entry.direction!r} is not ingress or egress")
-                key = _POL_KEY.pack(
+        result = SyncResult()
+        if known is None:  # against the whole maps: what no endpoint wants goes
+            want_pol = {key: allow for _ek, _ev, keys in encoded.values() for key in keys}
+            want_ep = {ek: ev for ek, ev, _keys in encoded.values()}
+            self._check_room(self._pol, st.pol, want_pol)
+            self._check_room(self._ep, st.ep, want_ep)
+            self._converge(self._pol, st.pol, want_pol, result, deletes=False)
+            self._converge(self._ep, st.ep, want_ep, result)
+            self._converge(self._pol, st.pol, want_pol, result)
+            known = {}
+        else:
+            empty: frozenset = frozenset()
+            pol_add, pol_gone = [], []
+            for i, (_ek, _ev, keys) in encoded.items():
+                before = known[i][1] if i in known else empty
+                pol_add.extend((key, allow) for key in keys - before if key not in st.pol)
+                pol_gone.extend(key for key in before - keys if key in st.pol)
+            for i in removed:
+                pol_gone.extend(key for key in known[i][1] if key in st.pol)
+            ep_writes = [(ek, ev) for ek, ev, _keys in encoded.values() if st.ep.get(ek) != ev]
+            ep_gone = [key for key in (_EP_KEY.pack(i) for i in removed) if key in st.ep]
+            for access, final in (
+                (self._pol, len(st.pol) + len(pol_add) - len(pol_gone)),
+                (self._ep, len(st.ep) + sum(1 for k, _v in ep_writes if k not in st.ep) - len(ep_gone)),
+            ):
+                if final > access.max_entries:
+                    raise CapacityError(
+                        f"{access.name} would hold {final} entries, more than its {access.max_entries} "
+                        "(max_entries); nothing was written"
+                    )
+            self._apply(self._pol, st.pol, pol_add, [], result)
+            self._apply(self._ep, st.ep, ep_writes, ep_gone, result)
+            self._apply(self._pol, st.pol, [], pol_gone, result)
+            for i in removed:
+                del known[i]
+        for i, spec in changed.items():
+            known[i] = (spec, encoded[i][2])
+        self._policy_by_endpoint = known
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _endpoint_policy_entries(self, ifindex: Any, spec: EndpointPolicySpec) -> tuple[bytes, bytes, frozenset]:
+        """(cm_endpoint key, value, the endpoint's cm_policy keys); ValueError for a bad spec."""
+        what = f"endpoint policy of ifindex {ifindex!r}"
+        ifindex = _uint(ifindex, 0xFFFFFFFF, what)
+        flags = (bpf_maps.EP_F_INGRESS if spec.ingress else 0) | (bpf_maps.EP_F_EGRESS if spec.egress else 0)
+        keys = []
+        for entry in spec.entries:
+            direction = _DIRECTIONS.get(entry.direction)
+            if direction is None:
+                raise ValueError(f"{what}: direction {entry.direction!r} is not ingress or egress")
+            keys.append(
+                _POL_KEY.pack(
                     ifindex,
                     _uint(entry.identity, 0xFFFFFFFF, f"{what}: identity"),
                     _uint(entry.port, 0xFFFF, f"{what}: port").to_bytes(2, "big"),
                     _uint(entry.protocol, 0xFF, f"{what}: protocol"),
                     direction,
                 )
-                want_pol[key] = allow
-        self._check_room(self._pol, st.pol, want_pol)
-        self._check_room(self._ep, st.ep, want_ep)
-        result = SyncResult()
-        self._converge(self._pol, st.pol, want_pol, result, deletes=False)
-        self._converge(self._ep, st.ep, want_ep, result)
-        self._converge(self._pol, st.pol, want_pol, result)
-        result.seconds = time.perf_counter() - started
-        return result
+            )
+        value = _EP_VALUE.pack(_uint(spec.identity, 0xFFFFFFFF, what), flags)
+        return _EP_KEY.pack(ifindex), value, frozenset(keys)
 
     # -- plain tables: desired bytes -> map ---------------------------------------------------
 
@@ -995,9 +1047,14 @@ class DatapathSync:
 
     def _converge(self, access, copy, desired, result: SyncResult, deletes: bool = True) -> None:
         """Write the entries of ``desired`` that differ from ``copy`` and (``deletes``) delete the
-        ones it does not want; ``copy`` follows. Deletes go first when old and new would not fit."""
+        ones it does not want; ``copy`` follows."""
         writes = [(k, v) for k, v in desired.items() if copy.get(k) != v]
         gone = [k for k in copy if k not in desired] if deletes else []
+        self._apply(access, copy, writes, gone, result)
+
+    def _apply(self, access, copy, writes, gone, result: SyncResult) -> None:
+        """Write ``writes`` and delete ``gone`` (deletes first when old and new would not fit together);
+        ``copy`` and ``result`` follow. A failure leaves the copy stale (re-read before the next diff)."""
         added = sum(1 for k, _value in writes if k not in copy)
         try:
             if len(copy) + added > access.max_entries:

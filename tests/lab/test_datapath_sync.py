@@ -159,7 +159,9 @@ print(json.dumps({{"initial": initial, "written": result.written, "noop": noop_s
     )
     assert out["written"] == {"cm_lb_svc": 45000, "cm_lb_be": 40000, "cm_lb_revnat": 5000}
     assert out["equal"] and out["same_ids"]
-    assert out["counts"] == {"cm_lb_svc": 44999, "cm_lb_be": 39999, "cm_lb_revnat": 5000, "cm_ipcache": 0}
+    assert out["counts"] == {
+        "cm_lb_svc": 44999, "cm_lb_be": 39999, "cm_lb_revnat": 5000, "cm_ipcache": 0, "cm_endpoint": 0, "cm_policy": 0
+    }  # fmt: skip
     assert out["noop_writes"] == 0 and out["after_writes"] == 0 and out["one_writes"] == 3  # head, last slot, backend
     assert out["initial"] < 10, out
     assert out["noop"] < 1 and out["one"] < 1, out

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import textwrap
 import time
 
 import pytest
 
-from .labtools import REPO_ROOT, inventory_path, lab, playbook, python_in, run_in
+from .labtools import LAB, PYTHON, REPO_ROOT, inventory_path, lab, playbook, python_in, run_in
 
 pytestmark = pytest.mark.lab
 if os.geteuid() != 0:
@@ -308,24 +309,51 @@ def test_the_equivalent_kubernetes_network_policy_gives_the_same_matrix(clean):
     assert report["policies"] == ["default/NetworkPolicy/rebel-base-from-cluster1"], report
 
 
+WATCH_CODE = """
+import json, sys, time
+sys.path.insert(0, {collections!r})
+from ansible_collections.clustermesh.core.plugins.module_utils.agent_config import load_agent_config
+from ansible_collections.clustermesh.core.plugins.module_utils.bpf_maps import DatapathMaps
+from ansible_collections.clustermesh.core.plugins.module_utils.datapath_sync import describe_ipcache
+with DatapathMaps(load_agent_config("/etc/clustermesh/agent.yaml").pin_dir) as maps:
+    before = set(describe_ipcache(maps))
+    print("ready", flush=True)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        new = {{p: v[0] for p, v in describe_ipcache(maps).items() if p not in before and p.startswith("10.1.")}}
+        allowed = {{k["identity"] for k in maps.policy.keys() if k["dport"] == 80 and k["direction"] == 0}}
+        if new and set(new.values()) <= allowed:
+            print(json.dumps({{"at": time.time(), "new": new}}), flush=True)
+            break
+        time.sleep(0.002)
+"""
+
+
 def test_a_new_remote_endpoint_is_allowed_within_a_second_and_its_entry_goes_with_it(clean):
     import_policies("cluster2", [REBEL_BASE_INGRESS])
     check_rebel_base_ingress_matrix()
-    # new labels: a new identity in cluster1, which cluster2's agent must learn and allow
-    NODE_OF["xw-red"] = "c1-n1"
-    lab("pod", "add", "c1-n1", "xw-red", "--labels", "name=x-wing,squadron=red", prefix=PREFIX)
-    appeared = time.monotonic()
+    # c2-n1 watches its own maps for the new pod's ipcache entry and the allow entry of its identity
+    code = WATCH_CODE.format(collections=os.path.join(REPO_ROOT, "build", "pytest-collections"))
+    watcher = subprocess.Popen(
+        [LAB, "exec", "--prefix", PREFIX, "c2-n1", "--", PYTHON, "-c", code], stdout=subprocess.PIPE, text=True
+    )
     try:
+        assert watcher.stdout.readline().strip() == "ready"
+        # new labels: a new identity in cluster1, which cluster2's agent must learn and allow
+        NODE_OF["xw-red"] = "c1-n1"
+        lab("pod", "add", "c1-n1", "xw-red", "--labels", "name=x-wing,squadron=red", prefix=PREFIX)
+        added = time.time()  # the CNI ADD is done: the agent of c1-n1 knows the pod
+        line = watcher.stdout.readline()
+        assert line, "c2-n1's maps never allowed the new pod's identity"
+        seen = json.loads(line)
         ip = pod_ips()["xw-red"]
-        allowed_after = None
-        while time.monotonic() - appeared < 5:
-            if reach([("xw-red", "rb-c2", 80)])[("xw-red", "rb-c2", 80)]:
-                allowed_after = time.monotonic() - appeared
-                break
-        assert allowed_after is not None and allowed_after < 1.0 + CONNECT_TIMEOUT, allowed_after
-        assert maps_of("c2-n1")["ipcache"].get(ip + "/32", 0) >= 65536
+        assert list(seen["new"]) == [ip + "/32"] and seen["new"][ip + "/32"] >= 65536, seen
+        assert seen["at"] - added < 1.0, f"allowed {seen['at'] - added:.3f} s after the pod was added"
+        assert reach([("xw-red", "rb-c2", 80)]) == {("xw-red", "rb-c2", 80): True}
     finally:
-        lab("pod", "del", "c1-n1", "xw-red", prefix=PREFIX)
+        watcher.kill()
+        watcher.wait()
+        lab("pod", "del", "c1-n1", "xw-red", prefix=PREFIX, check=False)
     # gone: cluster2 forgets its address, which then has the world identity (denied by the policy)
     gone = time.monotonic()
     while ip + "/32" in maps_of("c2-n1")["ipcache"]:

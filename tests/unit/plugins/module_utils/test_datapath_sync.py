@@ -679,3 +679,39 @@ def test_policy_errors_and_capacity_before_writing():
 def test_policy_needs_the_policy_maps():
     with pytest.raises(ValueError, match="no policy maps"):
         DatapathSync(FakeMaps()).sync_policy({})
+
+
+def test_policy_sync_touches_only_the_endpoints_that_changed():
+    maps = PolicyFakeMaps()
+    sync = DatapathSync(maps)
+    a = policy_spec(65537, True, False, Entry("ingress", 131073, 80, 6))
+    b = policy_spec(65538, False, True, Entry("egress", 131074), Entry("egress", 131075))
+    sync.sync_policy({7: a, 8: b})
+    maps.ops.clear()
+    b2 = policy_spec(65538, False, True, Entry("egress", 131074), Entry("egress", 131076))
+    result = sync.sync_policy({7: policy_spec(65537, True, False, Entry("ingress", 131073, 80, 6)), 8: b2})
+    assert result.written["cm_policy"] == 1 and result.deleted["cm_policy"] == 1
+    assert {dict(op[2])["ifindex"] for op in maps.ops} == {8}  # endpoint 7's equal spec: nothing read or written
+    assert [op[0] for op in maps.ops] == ["update", "delete"]
+
+    maps.ops.clear()
+    result = sync.sync_policy({8: b2})  # endpoint 7 went away
+    assert result.deleted == {"cm_policy": 1, "cm_endpoint": 1}
+    assert [op[:2] for op in maps.ops] == [("delete", "cm_endpoint"), ("delete", "cm_policy")]
+    assert {dict(k)["ifindex"] for k in maps.policy.data} == {8}
+
+    # a new agent on the same maps: the first sync compares with everything there (stale entries go)
+    again = DatapathSync(maps)
+    assert again.sync_policy({}).deleted == {"cm_policy": 2, "cm_endpoint": 1}
+    assert not maps.policy.data and not maps.endpoint.data
+
+
+def test_policy_sync_capacity_when_only_some_endpoints_change():
+    maps = PolicyFakeMaps(max_policy=3)
+    sync = DatapathSync(maps)
+    sync.sync_policy({7: policy_spec(1, True, False, Entry("ingress", 100), Entry("ingress", 101))})
+    maps.ops.clear()
+    grown = policy_spec(2, True, False, Entry("ingress", 200), Entry("ingress", 201))
+    with pytest.raises(CapacityError, match="cm_policy would hold 4 entries"):
+        sync.sync_policy({7: policy_spec(1, True, False, Entry("ingress", 100), Entry("ingress", 101)), 8: grown})
+    assert maps.ops == []
