@@ -212,6 +212,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.clustermesh.core.plugins.module_utils import kvstore_client, kvstore_config
 from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_client import KVStoreError
+from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_config import KVStoreConfigError
 from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_connection import (
     CONNECTION_ARGUMENT_SPEC,
     CONNECTION_MUTUALLY_EXCLUSIVE,
@@ -339,7 +340,7 @@ def main():
                     ok = client.put_if_mod_revision(key, value, revision)
                 if not ok:
                     module.fail_json(msg=f"{key} was changed by someone else meanwhile; run again", key=key)
-    except KVStoreError as exc:
+    except (KVStoreError, KVStoreConfigError) as exc:  # an unreachable etcd, or a missing/invalid kvstore.yaml
         module.fail_json(msg=f"kvstore: {exc}", key=key)
     result = dict(changed=changed, key=key, declaration=wanted)
     for warning in warnings:

@@ -76,6 +76,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.clustermesh.core.plugins.module_utils import kvstore_client, kvstore_config
 from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_client import KVStoreError
+from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_config import KVStoreConfigError
 from ansible_collections.clustermesh.core.plugins.module_utils.kvstore_connection import (
     CONNECTION_ARGUMENT_SPEC,
     CONNECTION_MUTUALLY_EXCLUSIVE,
@@ -140,7 +141,7 @@ def main():
                     client.delete(key)
                 else:
                     client.put(key, after)
-    except KVStoreError as exc:
+    except (KVStoreError, KVStoreConfigError) as exc:  # an unreachable etcd, or a missing/invalid kvstore.yaml
         module.fail_json(msg=str(exc), key=key)
     result = dict(changed=changed, key=key)
     if module._diff:

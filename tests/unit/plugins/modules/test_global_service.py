@@ -126,3 +126,11 @@ def test_unreachable_kvstore_is_reported_with_the_key(capsys):
     code, result = run(BASE, capsys)
     assert code == 1 and result["msg"].startswith("kvstore: ")
     assert result["key"] == "cilium/clustermesh-core/services/v1/default/rebel-base"
+
+
+def test_a_missing_kvstore_config_file_is_a_clean_failure(capsys, tmp_path):
+    missing = str(tmp_path / "kvstore.yaml")
+    with patch_module_args({"kvstore_config": missing, **BASE}), pytest.raises(SystemExit) as exc:
+        global_service.main()
+    result = json.loads(capsys.readouterr().out)
+    assert exc.value.code == 1 and result["msg"].startswith("kvstore: ") and missing in result["msg"], result
