@@ -20,6 +20,13 @@ import time
 
 import pytest
 
+from ansible_collections.clustermesh.core.tests.policy_examples import (
+    ALLOW_CROSS_CLUSTER,
+    REBEL_BASE_INGRESS,
+    REBEL_BASE_INGRESS_K8S,
+    policy,
+)
+
 from .labtools import LAB, PYTHON, REPO_ROOT, inventory_path, lab, playbook, python_in, run_in
 
 pytestmark = pytest.mark.lab
@@ -49,51 +56,6 @@ PODS = {
 PORTS = (80, 81)
 MESHCTL = "/var/lib/clustermesh/agent/bin/meshctl"
 CONNECT_TIMEOUT = 0.5  # a denied SYN is dropped: the connect times out
-
-# The seed's example (../shared/reference/cilium-kvstore.md): x-wing of cluster1 may reach rebel-base of cluster2 only.
-ALLOW_CROSS_CLUSTER = {
-    "apiVersion": "cilium.io/v2",
-    "kind": "CiliumNetworkPolicy",
-    "metadata": {"name": "allow-cross-cluster"},
-    "spec": {
-        "endpointSelector": {"matchLabels": {"name": "x-wing", "io.cilium.k8s.policy.cluster": "cluster1"}},
-        "egress": [
-            {"toEndpoints": [{"matchLabels": {"name": "rebel-base", "io.cilium.k8s.policy.cluster": "cluster2"}}]}
-        ],
-    },
-}
-# rebel-base of cluster2 accepts only x-wing of cluster1, on TCP 80.
-REBEL_BASE_INGRESS = {
-    "apiVersion": "cilium.io/v2",
-    "kind": "CiliumNetworkPolicy",
-    "metadata": {"name": "rebel-base-from-cluster1", "namespace": "default"},
-    "spec": {
-        "endpointSelector": {"matchLabels": {"name": "rebel-base"}},
-        "ingress": [
-            {
-                "fromEndpoints": [{"matchLabels": {"name": "x-wing", "k8s:io.cilium.k8s.policy.cluster": "cluster1"}}],
-                "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}],
-            }
-        ],
-    },
-}
-REBEL_BASE_INGRESS_K8S = {
-    "apiVersion": "networking.k8s.io/v1",
-    "kind": "NetworkPolicy",
-    "metadata": {"name": "rebel-base-from-cluster1", "namespace": "default"},
-    "spec": {
-        "podSelector": {"matchLabels": {"name": "rebel-base"}},
-        "policyTypes": ["Ingress"],
-        "ingress": [
-            {
-                "from": [
-                    {"podSelector": {"matchLabels": {"name": "x-wing", "io.cilium.k8s.policy.cluster": "cluster1"}}}
-                ],
-                "ports": [{"port": 80, "protocol": "TCP"}],
-            }
-        ],
-    },
-}
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -362,7 +324,7 @@ def test_a_new_remote_endpoint_is_allowed_within_a_second_and_its_entry_goes_wit
 
 def test_a_malformed_policy_is_refused_and_nothing_is_imported(clean):
     import_policies("cluster2", [REBEL_BASE_INGRESS])
-    bad = json.loads(json.dumps(ALLOW_CROSS_CLUSTER))
+    bad = policy(ALLOW_CROSS_CLUSTER)
     bad["spec"]["egress"][0]["toPorts"] = [{"ports": [{"port": "80", "protocol": "TCPP"}]}]
     run = import_policies("cluster2", [ALLOW_CROSS_CLUSTER, bad], check=False)
     assert run.returncode != 0, run.output

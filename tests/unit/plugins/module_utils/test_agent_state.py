@@ -26,6 +26,7 @@ from ansible_collections.clustermesh.core.plugins.module_utils.services import (
     build_cluster_service,
     make_declaration,
 )
+from ansible_collections.clustermesh.core.tests.policy_examples import ALLOW_CROSS_CLUSTER
 
 ANNOTATIONS = {"service.cilium.io/global": "true"}
 
@@ -198,19 +199,6 @@ def identity(cluster, number, **labels):
 
 def add_identity(state, cluster, ident):
     state.apply_cluster_change(cluster, KIND_IDENTITY, f"cilium/state/identities/v1/id/{ident.id}", None, ident)
-
-
-ALLOW_CROSS_CLUSTER = {
-    "apiVersion": "cilium.io/v2",
-    "kind": "CiliumNetworkPolicy",
-    "metadata": {"name": "allow-cross-cluster"},
-    "spec": {
-        "endpointSelector": {"matchLabels": {"name": "x-wing", "io.cilium.k8s.policy.cluster": "cluster1"}},
-        "egress": [
-            {"toEndpoints": [{"matchLabels": {"name": "rebel-base", "io.cilium.k8s.policy.cluster": "cluster2"}}]}
-        ],
-    },
-}
 
 
 def policy_state():

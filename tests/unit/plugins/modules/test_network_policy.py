@@ -27,18 +27,9 @@ from ansible_collections.clustermesh.core.plugins.module_utils.policy import (
 )
 from ansible_collections.clustermesh.core.plugins.modules import network_policy as M
 from ansible_collections.clustermesh.core.tests.etcd_fixture import free_port
+from ansible_collections.clustermesh.core.tests.policy_examples import ALLOW_CROSS_CLUSTER
 
-CNP = {
-    "apiVersion": "cilium.io/v2",
-    "kind": "CiliumNetworkPolicy",
-    "metadata": {"name": "allow-cross-cluster"},
-    "spec": {
-        "endpointSelector": {"matchLabels": {"name": "x-wing", "io.cilium.k8s.policy.cluster": "cluster1"}},
-        "egress": [
-            {"toEndpoints": [{"matchLabels": {"name": "rebel-base", "io.cilium.k8s.policy.cluster": "cluster2"}}]}
-        ],
-    },
-}
+CNP = ALLOW_CROSS_CLUSTER
 CNP_REF = "default/CiliumNetworkPolicy/allow-cross-cluster"
 CNP_KEY = POLICIES_PREFIX + CNP_REF
 NP = {
