@@ -18,6 +18,7 @@ import time
 import pytest
 
 from .labtools import LAB, PYTHON, REPO_ROOT, lab, playbook, python_in, run_in
+from .test_bpf_service import PLAYBOOK, TOPOLOGY
 
 pytestmark = pytest.mark.lab
 if os.geteuid() != 0:
@@ -25,7 +26,6 @@ if os.geteuid() != 0:
 
 PREFIX = "cmpd"
 HOST = "c1-n1"
-POD_CIDR = "10.1.0.0/24"
 OBJ_DIR = os.path.join(REPO_ROOT, "build", "bpf-cmpd")  # our own build: other tests build build/bpf
 OBJ = os.path.join(OBJ_DIR, "lb.o")
 PODS = ("client", "other", "server")
@@ -34,30 +34,7 @@ HOST_ID, WORLD_ID = 1, 2
 VIP_SERVER, VIP_OTHER, VIP_EMPTY = "172.30.9.10", "172.30.9.11", "172.30.9.12"
 TCP, UDP, ICMP = 6, 17, 1
 
-TOPOLOGY = """
-clusters:
-  cluster1: {id: 1, pod_cidr: 10.1.0.0/16}
-segments:
-  - {name: dc1, cidr: 198.18.1.0/24}
-hosts:
-  - {name: c1-n1, cluster: cluster1, segment: dc1}
-"""
-
-PLAYBOOK = (
-    """
-- name: CNI
-  hosts: c1-n1
-  gather_facts: false
-  tasks:
-    - name: Role cni
-      ansible.builtin.include_role:
-        name: clustermesh.core.cni
-      vars:
-        cni_pod_cidr: "%s"
-        cni_mtu: 1500
-"""
-    % POD_CIDR
-)
+# the one-host lab and the CNI playbook of the service datapath's test (as test_datapath_sync uses them)
 
 SERVER = """
 import socket, sys, threading
