@@ -52,6 +52,9 @@ IPSEC_OVERHEAD = {
     AEAD_ALGORITHM: 20 + 8 + 8 + 2 + 3,  # 8-byte IV, payload aligned to 4 bytes
     CIPHER_ALGORITHM: 20 + 8 + 16 + 2 + 15,  # 16-byte IV, payload aligned to the 16-byte AES block
 }
+# The pod MTU reserve that fits every supported key (the worst case: cbc(aes) + hmac(sha256)), so that a
+# rotation to another algorithm never needs a new pod MTU.
+MTU_RESERVE = max(IPSEC_OVERHEAD[AEAD_ALGORITHM] + max(GCM_ICV_BITS) // 8, IPSEC_OVERHEAD[CIPHER_ALGORITHM] + 16)
 
 MODES = ("direct", "tunnel", "external")
 
@@ -132,14 +135,8 @@ def parse_key_line(line, lineno=1):
         raise _key_error(lineno, "%d fields: %s" % (len(fields), _FORMATS))
     match = _ID_RE.match(fields[0])
     if not match or not MIN_KEY_ID <= int(match.group(1)) <= MAX_KEY_ID:
-        raise _key_error(
-            lineno,
-            "key ID: expected a number %d..%d, optionally followed by '+' (per node pair keys)"
-            % (
-                MIN_KEY_ID,
-                MAX_KEY_ID,
-            ),
-        )
+        expected = "key ID: expected a number %d..%d, optionally followed by '+' (per node pair keys)"
+        raise _key_error(lineno, expected % (MIN_KEY_ID, MAX_KEY_ID))
     key_id, per_node = int(match.group(1)), bool(match.group(2))
     if len(fields) == 4:
         if fields[1] != AEAD_ALGORITHM:
@@ -239,6 +236,11 @@ def format_key_line(key):
     if key.aead is not None:
         return "%s %s %s %d" % (head, key.aead.name, key.aead.key.hex(), key.aead.bits)
     return "%s %s %s %s %s" % (head, key.auth.name, key.auth.key.hex(), key.crypt.name, key.crypt.key.hex())
+
+
+def algorithm_label(key):
+    """The algorithm of ``key`` as one label (``rfc4106(gcm(aes))`` or ``hmac(sha256)+cbc(aes)``); no key bytes."""
+    return key.algorithm
 
 
 def mtu_overhead(key):
@@ -609,6 +611,10 @@ class IpsecChanges:
     @property
     def changed(self):
         return bool(self.actions)
+
+    def rekey_problems(self):
+        """One message per key ID in ``rekeyed``, for the module to refuse with."""
+        return ["key %d changed its bytes without a new key ID: %s" % (k, ROTATE_HINT) for k in self.rekeyed]
 
     def summary(self):
         counts = dict.fromkeys(VERBS, 0)

@@ -12,11 +12,13 @@ import pytest
 
 from ansible_collections.clustermesh.core.plugins.module_utils.ipsec import (
     IPSEC_OVERHEAD,
+    MTU_RESERVE,
     PRIORITY_BLOCK,
     PRIORITY_ENCRYPT,
     REQID,
     IpsecKeyError,
     IpsecPlanError,
+    algorithm_label,
     derive_pair_key,
     diff_ipsec,
     format_key_line,
@@ -271,6 +273,12 @@ def test_mtu_overhead():
     assert mtu_overhead(K3P) == 20 + 8 + 8 + 2 + 3 + 12
     assert mtu_overhead(K5C) == 20 + 8 + 16 + 2 + 15 + 16
     assert set(IPSEC_OVERHEAD) == {"rfc4106(gcm(aes))", "cbc(aes)"}
+    # the pod MTU reserve fits every key a rotation may move to
+    assert MTU_RESERVE == 77 and all(mtu_overhead(k) <= MTU_RESERVE for k in (K3, K3P, K5C, K5CP))
+
+
+def test_algorithm_label():
+    assert algorithm_label(K3) == "rfc4106(gcm(aes))" and algorithm_label(K5C) == "hmac(sha256)+cbc(aes)"
 
 
 # --------------------------------------------------------------------------------- SPI and keys
@@ -636,6 +644,9 @@ def test_changed_key_bytes_for_same_id_is_flagged_and_replaced():
     plan = plan_for("c1-n1", [other])
     changes = diff_ipsec(states, policies, plan)
     assert changes.rekeyed == [3]
+    assert changes.rekey_problems() == [
+        "key 3 changed its bytes without a new key ID: rotate with playbooks/rotate_ipsec_key.yml"
+    ]
     assert len(changes.replaced) == 6
     assert [v for v, _ in changes.actions] == ["delete_state", "add_state"] * 6
     for i in range(0, 12, 2):
