@@ -11,6 +11,8 @@ from ansible_collections.clustermesh.core.plugins.module_utils.control_plane imp
 from ansible_collections.clustermesh.core.plugins.module_utils.routing_plan import routing_inputs
 
 PREFIX = "clustermesh_"
+# clustermesh_* variables that hold secrets: never templated here, never in a module's arguments
+SECRET_VARS = frozenset(("clustermesh_ipsec_key",))
 
 
 def mesh_vars(hostvars, hosts):
@@ -19,7 +21,7 @@ def mesh_vars(hostvars, hosts):
     result = {}
     for host in hosts:
         host_vars = hostvars[host]
-        result[host] = {key: host_vars[key] for key in host_vars if key.startswith(PREFIX)}
+        result[host] = {key: host_vars[key] for key in host_vars if key.startswith(PREFIX) and key not in SECRET_VARS}
     return result
 
 

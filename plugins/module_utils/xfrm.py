@@ -265,9 +265,10 @@ class XfrmError(OSError):
     operation and the object (never a key), e.g. ``cannot add XFRM state ... : the kernel has no ESP
     support (module esp4 missing)``."""
 
-    def __init__(self, code, message, kernel_message=""):
+    def __init__(self, code, message, kernel_message="", reason=""):
         super().__init__(code, message)
         self.kernel_message = kernel_message
+        self.reason = reason or message  # the cause alone, without the operation and object
 
     def __str__(self):
         return self.strerror
@@ -316,9 +317,10 @@ def explain_error(code, operation, obj, kernel_message=""):
         reason = "no such SA" if is_state else "no such policy"
     if reason is None:
         reason = os.strerror(code)
+    cause = reason
     if kernel_message:
         reason += f" (kernel: {kernel_message})"
-    return XfrmError(code, f"cannot {operation} {what}: {reason}", kernel_message)
+    return XfrmError(code, f"cannot {operation} {what}: {reason}", kernel_message, reason=cause)
 
 
 # --- encoders / decoders ---------------------------------------------------------------------------
