@@ -2,7 +2,9 @@
 the clusters; remote access goes through the proxy and is read-only; onboarding a third cluster
 touches only join files and etcd users on the others; a bad inventory changes nothing.
 
-Lab prefix: cmc. Real etcd, real HAProxy, real TLS, in real network namespaces.
+The lab is the shared one of conftest.py (prefix cmsh, the default lab converged with site.yml once);
+this module runs after the other users of that lab (it changes the mesh: a third cluster comes and
+goes). Real etcd, real HAProxy, real TLS, in real network namespaces.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import time
 import pytest
 import yaml
 
+from .conftest import SHARED_PREFIX
 from .labtools import REPO_ROOT, inventory_path, lab, playbook, python_in, run_in
 
 pytestmark = pytest.mark.lab
 if os.geteuid() != 0:
     pytest.skip("the lab needs root", allow_module_level=True)
 
-PREFIX = "cmc"
+PREFIX = SHARED_PREFIX
 SITE = os.path.join(REPO_ROOT, "playbooks", "site.yml")
 TWO_CLUSTERS = os.path.join(REPO_ROOT, "tools", "labkit", "default-topology.yml")
 
@@ -34,12 +37,10 @@ client = KVStoreClient.from_config(load_etcd_config("/etc/clustermesh/clusters.d
 
 
 @pytest.fixture(scope="module")
-def converged(tmp_path_factory):
-    lab("down", prefix=PREFIX, check=False)
-    lab("up", prefix=PREFIX)
-    first = playbook(PREFIX, SITE)
-    yield first
-    lab("down", prefix=PREFIX, check=False)
+def converged(shared_mesh):
+    """The first site.yml run of the shared lab (test_global_services.py and test_network_policy.py may
+    have used the mesh since: pods, a global service, policies imported and removed again)."""
+    return shared_mesh
 
 
 def test_site_converges_then_changes_nothing(converged):

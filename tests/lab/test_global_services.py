@@ -1,13 +1,16 @@
 """Global services across two clusters, end to end: the seed's rebel-base / x-wing scenario.
 
-The lab (prefix cmgs: cluster1 = c1-n1, c1-n2; cluster2 = c2-n1, c2-n2) runs playbooks/site.yml,
-which installs and starts the node agent meshd on every node. Backends are lab pods labelled
-name=rebel-base, one per node, each running the probe echo server on port 80 (it answers with its
-own name); x-wing pods send requests to their cluster's ClusterIP. The services are declared with the
-module global_service (tests/lab/playbooks/rebel_base.yml). Everything is real: etcd and HAProxy per
-cluster, the CNI plugin, VXLAN routing, tc programs and pinned maps written by meshd.
+The lab is the shared one of conftest.py (prefix cmsh: cluster1 = c1-n1, c1-n2; cluster2 = c2-n1, c2-n2,
+converged with playbooks/site.yml, which installs and starts the node agent meshd on every node).
+Backends are lab pods labelled name=rebel-base, one per node, each running the probe echo server on port
+80 (it answers with its own name); x-wing pods send requests to their cluster's ClusterIP. The services
+are declared with the module global_service (tests/lab/playbooks/rebel_base.yml). Everything is real:
+etcd and HAProxy per cluster, the CNI plugin, VXLAN routing, tc programs and pinned maps written by
+meshd.
 
-The tests run in file order and share one lab; each leaves the mesh as it found it.
+The tests run in file order and share one lab; each leaves the mesh as it found it. The module leaves
+its pods and the declared service behind for the next users of the shared lab (test_network_policy.py
+reuses the x-wing pods; none of them probes a service).
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ import time
 
 import pytest
 
-from .labtools import LAB, PYTHON, REPO_ROOT, inventory_path, lab, playbook, python_in, run_in
+from .conftest import SHARED_PREFIX, reusing_lab
+from .labtools import LAB, PYTHON, REPO_ROOT, lab, playbook, python_in, run_in
 
 pytestmark = pytest.mark.lab
 if os.geteuid() != 0:
     pytest.skip("the lab needs root", allow_module_level=True)
 
-PREFIX = "cmgs"
-SITE = os.path.join(REPO_ROOT, "playbooks", "site.yml")
+PREFIX = SHARED_PREFIX
 DECLARE = os.path.join(REPO_ROOT, "tests", "lab", "playbooks", "rebel_base.yml")
 COLLECTIONS = os.path.join(REPO_ROOT, "build", "pytest-collections")
 BACKENDS = {"c1-n1": "rb-c1a", "c1-n2": "rb-c1b", "c2-n1": "rb-c2a", "c2-n2": "rb-c2b"}
@@ -175,27 +178,18 @@ def stop_backend(host):
 
 # --- the mesh ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def mesh():
-    if os.environ.get("CLUSTERMESH_TEST_REUSE_LAB") and os.path.exists(inventory_path(PREFIX)):
-        yield  # a developer's shortcut: the lab of a previous run, kept (nothing is set up or removed)
-        return
-    lab("down", prefix=PREFIX, check=False)
-    lab("up", prefix=PREFIX)
-    try:
-        playbook(PREFIX, SITE)
-        for host, pod in BACKENDS.items():
-            lab("pod", "add", host, pod, "--labels", "name=rebel-base", prefix=PREFIX)
-            start_backend(host)
-        for host, pod in XWING.values():
-            lab("pod", "add", host, pod, "--labels", "name=x-wing", prefix=PREFIX)
-        declare()
-        for cluster, (host, _pod) in XWING.items():
-            want = expected_map(cluster, set(BACKENDS.values()))
-            wait_for(lambda host=host, want=want: service_map(host) == want, 30, f"{host}'s maps to list 4 backends")
-        yield
-    finally:
-        if not os.environ.get("CLUSTERMESH_TEST_KEEP_LAB"):
-            lab("down", prefix=PREFIX, check=False)
+def mesh(shared_mesh):
+    if reusing_lab():
+        return  # a developer's shortcut: the lab of a previous run, kept (nothing is set up or removed)
+    for host, pod in BACKENDS.items():
+        lab("pod", "add", host, pod, "--labels", "name=rebel-base", prefix=PREFIX)
+        start_backend(host)
+    for host, pod in XWING.values():
+        lab("pod", "add", host, pod, "--labels", "name=x-wing", prefix=PREFIX)
+    declare()
+    for cluster, (host, _pod) in XWING.items():
+        want = expected_map(cluster, set(BACKENDS.values()))
+        wait_for(lambda host=host, want=want: service_map(host) == want, 30, f"{host}'s maps to list 4 backends")
 
 
 # --- the scenarios ----------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
 """Network policy across two clusters, end to end (issue 6's acceptance list).
 
-The lab (prefix cmpo: cluster1 = c1-n1, cluster2 = c2-n1, both on one segment) runs
-playbooks/site.yml (etcd, HAProxy, CNI, tunnel routing, the agent meshd on every node). Pods are made
-by the CNI plugin: x-wing and rebel-base in each cluster; every rebel-base runs the probe echo server
-on ports 80 and 81 (it answers with its own name, so an answer proves the reply came back through
-the policy). Policies are imported with the module network_policy (tests/lab/playbooks/policy.yml);
+The lab is the shared one of conftest.py (prefix cmsh: cluster1 = c1-n1, c1-n2; cluster2 = c2-n1, c2-n2,
+converged with playbooks/site.yml: etcd, HAProxy, CNI, tunnel routing, the agent meshd on every node);
+the pods of these tests live on c1-n1 and c2-n1, which share a segment. Pods are made by the CNI
+plugin: x-wing and rebel-base in each cluster (the x-wing pods are test_global_services.py's when it ran
+first: same names, hosts and labels); every rebel-base runs the probe echo server on ports 80 and 81
+(it answers with its own name, so an answer proves the reply came back through the policy).
+Policies are imported with the module network_policy (tests/lab/playbooks/policy.yml);
 the agents compile them against the identities of both clusters and the tc programs enforce them.
 
-The tests run in file order and share one lab; each leaves no policy behind.
+The tests run in file order and share one lab; each leaves no policy behind, and the module removes
+its rebel-base pods at the end.
 """
 
 from __future__ import annotations
@@ -27,25 +30,15 @@ from ansible_collections.clustermesh.core.tests.policy_examples import (
     policy,
 )
 
-from .labtools import LAB, PYTHON, REPO_ROOT, inventory_path, lab, playbook, python_in, run_in
+from .conftest import SHARED_PREFIX, reusing_lab
+from .labtools import LAB, PYTHON, REPO_ROOT, lab, playbook, python_in, run_in
 
 pytestmark = pytest.mark.lab
 if os.geteuid() != 0:
     pytest.skip("the lab needs root", allow_module_level=True)
 
-PREFIX = "cmpo"
-SITE = os.path.join(REPO_ROOT, "playbooks", "site.yml")
+PREFIX = SHARED_PREFIX
 IMPORT = os.path.join(REPO_ROOT, "tests", "lab", "playbooks", "policy.yml")
-TOPOLOGY = """
-clusters:
-  cluster1: {id: 1, pod_cidr: 10.1.0.0/16}
-  cluster2: {id: 2, pod_cidr: 10.2.0.0/16}
-segments:
-  - {name: dc1, cidr: 198.18.1.0/24}
-hosts:
-  - {name: c1-n1, cluster: cluster1, segment: dc1}
-  - {name: c2-n1, cluster: cluster2, segment: dc1}
-"""
 NODE = {"cluster1": "c1-n1", "cluster2": "c2-n1"}
 PODS = {
     "xw-c1": ("c1-n1", "name=x-wing"),
@@ -171,19 +164,17 @@ def maps_of(host):
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    if os.environ.get("CLUSTERMESH_TEST_REUSE_LAB") and os.path.exists(inventory_path(PREFIX)):
+def mesh(shared_mesh):
+    if reusing_lab():
         yield
         return
-    topology = tmp_path_factory.mktemp("cmpo") / "topology.yml"
-    topology.write_text(TOPOLOGY)
-    lab("down", prefix=PREFIX, check=False)
-    lab("up", "--topology", str(topology), prefix=PREFIX)
+    existing = pod_ips()
+    made = [pod for pod in PODS if pod not in existing]
+    code = "from ansible_collections.clustermesh.core.plugins.module_utils import probe\n"
     try:
-        playbook(PREFIX, SITE)
-        for pod, (host, labels) in PODS.items():
+        for pod in made:
+            host, labels = PODS[pod]
             lab("pod", "add", host, pod, "--labels", labels, prefix=PREFIX)
-        code = "from ansible_collections.clustermesh.core.plugins.module_utils import probe\n"
         for pod, (host, _labels) in PODS.items():
             if pod.startswith("rb-"):
                 for port in PORTS:
@@ -194,8 +185,12 @@ def mesh(tmp_path_factory):
                     )
         yield
     finally:
-        if not os.environ.get("CLUSTERMESH_TEST_KEEP_LAB"):
-            lab("down", prefix=PREFIX, check=False)
+        for pod in made:
+            if pod.startswith("rb-"):  # rebel-base pods would join test_global_services.py's service
+                host = PODS[pod][0]
+                stop = "".join(f"probe.stop_server('{pod}-{port}')\n" for port in PORTS)
+                python_in(PREFIX, host, code + stop, check=False)
+                lab("pod", "del", host, pod, prefix=PREFIX, check=False)
 
 
 @pytest.fixture
@@ -383,7 +378,8 @@ def test_connectivity_playbook_checks_the_expected_matrix(clean, tmp_path):
         "connectivity_services": False,
         "connectivity_report": str(tmp_path / "report.json"),
     }
-    right = dict(common, connectivity_expect=[{"from": "c1-n1", "to": "c2-n1", "expect": "deny"}])
+    # the policy admits only cluster2 into cluster2's probe pods (c2-n1 and c2-n2)
+    right = dict(common, connectivity_expect=[{"from": "cluster1", "to": "cluster2", "expect": "deny"}])
     run = playbook(PREFIX, CONNECTIVITY, "-e", json.dumps(right), check=False)
     assert run.returncode == 0, run.output
     report = json.loads((tmp_path / "report.json").read_text())
