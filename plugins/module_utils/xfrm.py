@@ -271,7 +271,7 @@ class XfrmError(OSError):
         self.reason = reason or message  # the cause alone, without the operation and object
 
     def __str__(self):
-        return self.strerror
+        return str(self.strerror)
 
     @property
     def not_found(self):

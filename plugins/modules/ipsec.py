@@ -22,7 +22,7 @@ description:
     (node IPs must differ in their low 24 bits). Keys with C(+) are derived per node pair from the
     shared key, both node IPs and both boot IDs (O(boot_ids)).
   - A block policy of lower precedence covers every pod CIDR of O(block_cidrs) (and the VXLAN port
-    in tunnel mode): while states or policies are being replaced, pod traffic never leaves in plaintext.
+    in tunnel mode), so pod traffic never leaves in plaintext while states or policies are being replaced.
   - Owned and never anything else - states with reqid C(0x636d), policies with the collection's two
     priorities (see docs/ipsec.md). Before anything changes, the key file (root-owned, mode 0600), the
     plan (peers, SPI collisions) and the kernel (an ESP SA with each key's algorithms is tried in a

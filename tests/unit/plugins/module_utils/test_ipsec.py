@@ -366,7 +366,10 @@ def test_direct_plan_policies():
         for ip in ("198.18.1.12", "198.18.2.11", "198.18.2.12")
     }
     optional = Template(src="0.0.0.0", dst="0.0.0.0", reqid=REQID, optional=True)
-    out_enc = lambda dst, ip: XfrmPolicy(Selector(dst=dst), "out", PRIORITY_ENCRYPT, "allow", (tmpl_to[ip],))  # noqa: E731
+
+    def out_enc(dst, ip):
+        return XfrmPolicy(Selector(dst=dst), "out", PRIORITY_ENCRYPT, "allow", (tmpl_to[ip],))
+
     expected = [
         XfrmPolicy(Selector(dst="10.1.0.0/16"), "out", PRIORITY_BLOCK, "block"),
         XfrmPolicy(Selector(dst="10.1.0.0/24"), "out", PRIORITY_ENCRYPT, "allow"),
@@ -521,7 +524,7 @@ def test_plan_key_problems():
 
 
 def test_tunnel_peer_without_pod_cidrs_is_fine():
-    node, _ = view("c1-n1")
+    node, _peers = view("c1-n1")
     peer = {"name": "t", "cluster": "x", "ip": "198.18.9.9", "pod_cidrs": [], "mode": "tunnel"}
     plan = plan_ipsec(node, [peer], [K3], 3, BLOCKS)
     assert len(plan.states) == 2
@@ -542,7 +545,7 @@ def test_first_apply_order_and_idempotence():
         ("add_policy", "encrypt"),
     ]
     assert [phases.index(v) for v in verbs] == sorted(phases.index(v) for v in verbs)
-    assert {v for v in verbs} == set(phases)
+    assert set(verbs) == set(phases)
     assert sorted(states, key=lambda s: (s.dst, s.spi)) == sorted(plan.states, key=lambda s: (s.dst, s.spi))
     assert sorted(map(repr, policies)) == sorted(map(repr, plan.policies))
     assert changes.summary() == {
@@ -564,7 +567,7 @@ def _verbs(changes):
 @pytest.mark.parametrize("k_old,k_new", [(K3, K4), (K3P, K4P)], ids=["shared", "pernode"])
 def test_rotation_sequence(k_old, k_new):
     boot = {n: "boot-" + n for n in NODES}
-    states, policies, _ = converge(plan_for("c2-n1", [k_old], 3, boot_ids=boot, modes={"c1-n1": "tunnel"}))
+    states, policies, _changes = converge(plan_for("c2-n1", [k_old], 3, boot_ids=boot, modes={"c1-n1": "tunnel"}))
 
     # 1. key file [old, new], encrypt old: only the new key's states are added
     step = plan_for("c2-n1", [k_old, k_new], 3, boot_ids=boot, modes={"c1-n1": "tunnel"})
@@ -587,7 +590,7 @@ def test_rotation_sequence(k_old, k_new):
 
 
 def test_peer_removal_removes_its_states_and_policies_in_order():
-    states, policies, _ = converge(plan_for("c1-n1", [K3, K4], 4, modes={"c2-n2": "tunnel"}))
+    states, policies, _changes = converge(plan_for("c1-n1", [K3, K4], 4, modes={"c2-n2": "tunnel"}))
     smaller = plan_for("c1-n1", [K3, K4], 4, modes={"c2-n2": "tunnel"}, members=["c1-n1", "c1-n2", "c2-n1"])
     states2, policies2, changes = converge(smaller, states, policies)
     gone = "198.18.2.12"
@@ -601,7 +604,7 @@ def test_peer_removal_removes_its_states_and_policies_in_order():
         ("allow", "10.2.2.0/24"),
         ("block", "0.0.0.0/0"),
     }
-    assert [v for v, _ in changes.actions] == ["delete_policy"] + ["delete_state"] * 4 + ["delete_policy"] * 3
+    assert [v for v, _obj in changes.actions] == ["delete_policy"] + ["delete_state"] * 4 + ["delete_policy"] * 3
     kinds = [policy_kind(o) for v, o in changes.actions if v == "delete_policy"]
     assert kinds == ["encrypt", "block", "allow", "allow"]
     assert not any(gone in (s.src, s.dst) for s in states2)
@@ -639,7 +642,7 @@ def test_foreign_objects_on_our_ids_are_reported_as_conflicts():
 
 
 def test_changed_key_bytes_for_same_id_is_flagged_and_replaced():
-    states, policies, _ = converge(plan_for("c1-n1", [K3]))
+    states, policies, _changes = converge(plan_for("c1-n1", [K3]))
     other = parse_key_line("3 rfc4106(gcm(aes)) %s 128" % ("99" * 20))
     plan = plan_for("c1-n1", [other])
     changes = diff_ipsec(states, policies, plan)
@@ -648,7 +651,7 @@ def test_changed_key_bytes_for_same_id_is_flagged_and_replaced():
         "key 3 changed its bytes without a new key ID: rotate with playbooks/rotate_ipsec_key.yml"
     ]
     assert len(changes.replaced) == 6
-    assert [v for v, _ in changes.actions] == ["delete_state", "add_state"] * 6
+    assert [v for v, _obj in changes.actions] == ["delete_state", "add_state"] * 6
     for i in range(0, 12, 2):
         assert changes.actions[i][1].id == changes.actions[i + 1][1].id
     assert "99" * 4 not in "\n".join(changes.describe()) and "33" * 4 not in "\n".join(changes.describe())
@@ -656,20 +659,20 @@ def test_changed_key_bytes_for_same_id_is_flagged_and_replaced():
 
 def test_reboot_with_per_node_keys_replaces_without_rekey_flag():
     boot = {n: "boot-" + n for n in NODES}
-    states, policies, _ = converge(plan_for("c1-n1", [K3P], boot_ids=boot))
+    states, policies, _changes = converge(plan_for("c1-n1", [K3P], boot_ids=boot))
     boot["c1-n2"] = "rebooted"
     plan = plan_for("c1-n1", [K3P], boot_ids=boot)
     changes = diff_ipsec(states, policies, plan)
     assert changes.rekeyed == [] and len(changes.replaced) == 2  # both directions with c1-n2
-    assert {v for v, _ in changes.actions} == {"delete_state", "add_state"}
+    assert {v for v, _obj in changes.actions} == {"delete_state", "add_state"}
     # without boot IDs the derived key only changes when the shared key does: flagged
-    states, policies, _ = converge(plan_for("c1-n1", [K3P]))
+    states, policies, _changes = converge(plan_for("c1-n1", [K3P]))
     other = parse_key_line("3+ rfc4106(gcm(aes)) %s 96" % ("77" * 36))
     assert diff_ipsec(states, policies, plan_for("c1-n1", [other])).rekeyed == [3]
 
 
 def test_changed_policy_is_updated_in_place():
-    states, policies, _ = converge(plan_for("c1-n1", modes={"*": "direct"}))
+    states, policies, _changes = converge(plan_for("c1-n1", modes={"*": "direct"}))
     plan = plan_for("c1-n1", modes={"*": "direct", "c1-n2": "tunnel"})
     changes = diff_ipsec(states, policies, plan)
     # 10.1.1.0/24 turns from an encrypt into an allow policy (same selector): one update, no gap

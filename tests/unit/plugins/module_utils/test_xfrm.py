@@ -250,7 +250,7 @@ class FakeSocket:
         self.closed = True
 
     def requests(self):
-        return [(kind, flags, seq) for data in self.sent for kind, flags, seq, _ in x.parse_messages(data)]
+        return [(kind, flags, seq) for data in self.sent for kind, flags, seq, _payload in x.parse_messages(data)]
 
 
 def test_state_dump_spans_several_datagrams():
