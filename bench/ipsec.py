@@ -401,6 +401,13 @@ def esp_bytes(name: str, src: str) -> int:
     return total
 
 
+def xfrm_errors(name: str) -> dict:
+    """The non-zero counters of /proc/net/xfrm_stat in namespace ``name`` (drops on the XFRM path)."""
+    out = ns(name, "cat", "/proc/net/xfrm_stat", check=False)
+    counters = (line.split() for line in out.splitlines())
+    return {words[0]: int(words[1]) for words in counters if len(words) == 2 and words[1] != "0"}
+
+
 class Server:
     """iperf3 -s in cmbi-b (stopped by its PID)."""
 
@@ -468,6 +475,33 @@ def scratch_apply(nodes, old, new) -> dict:
     return out
 
 
+def crypto_drivers(names=("rfc4106(gcm(aes))", "gcm(aes)", "aes")) -> dict:
+    """The kernel's implementation (driver, priority) of each algorithm in /proc/crypto, and whether the CPU
+    has AES-NI: what explains ESP's cost in the VM."""
+    found: dict = {}
+    entry: dict = {}
+    try:
+        with open("/proc/crypto") as f:
+            lines = f.read().splitlines() + [""]
+    except OSError:
+        lines = []
+    for line in lines:
+        if not line.strip():
+            name = entry.get("name")
+            if name in names and int(entry.get("priority", 0)) > found.get(name, {}).get("priority", -1):
+                found[name] = {"driver": entry.get("driver"), "priority": int(entry.get("priority", 0))}
+            entry = {}
+            continue
+        key, _sep, value = line.partition(":")
+        entry[key.strip()] = value.strip()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return {"algorithms": found, "cpu_aes_ni": "aes" in flags}
+
+
 def run_datapath(args) -> dict:
     kernel_features = lib()[2]
     subprocess.run(["modprobe", "esp4"], capture_output=True, check=False)
@@ -518,6 +552,8 @@ def run_datapath(args) -> dict:
                     benchlib.load_average(),
                 )
             )
+        xfrm_stat = {name: xfrm_errors(name) for name in (NS_A, NS_B)}
+        log("datapath: /proc/net/xfrm_stat, non-zero: %s" % xfrm_stat)
     finally:
         if server is not None:
             server.close()
@@ -537,8 +573,17 @@ def run_datapath(args) -> dict:
             "*_ms: node %s of the 50-node hybrid mesh in a scratch namespace of the VM (real ESP): apply = "
             "states + policies from an empty kernel; rotate_*: the rotation's three steps; remove = "
             "ipsec.removal" % APPLY_NODE,
+            "extra.pair_install: the first ESP state of the VM's boot also loads esp4 and the crypto modules; "
+            "extra.xfrm_stat: non-zero /proc/net/xfrm_stat counters of both namespaces after the runs; "
+            "extra.crypto: the kernel's implementation of the AEAD in the VM and whether the emulated CPU has AES-NI",
         ],
-        extra={"vm_host": benchlib.host_facts(), "pair_install": installed, "runs": runs},
+        extra={
+            "vm_host": benchlib.host_facts(),
+            "crypto": crypto_drivers(),
+            "xfrm_stat": xfrm_stat,
+            "pair_install": installed,
+            "runs": runs,
+        },
     )
 
 
