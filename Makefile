@@ -15,7 +15,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/build/collections
 export ANSIBLE_FORCE_COLOR := 0
 
-.PHONY: help deps collection demo demo-down lab-up lab-down test lint sanity units lab-tests molecule bench bench-datapath bench-agent bench-services bench-policy bpf clean
+.PHONY: help deps collection demo demo-down lab-up lab-down test lint sanity units lab-tests molecule bench bench-datapath bench-agent bench-services bench-policy bench-ipsec vm-tests bpf clean
 
 help:
 	@echo "make demo       install what is needed, build the lab, run playbooks/site.yml against it"
@@ -26,6 +26,8 @@ help:
 	@echo "make bench-agent     meshd convergence and 5,000-service scale (bench/results/agent.json)"
 	@echo "make bench-services  ClusterIP (bpf/lb.c) vs pod IP and vs nftables DNAT (bench/results/services_datapath.json)"
 	@echo "make bench-policy    1,000 policy rules vs none, agent recompute CPU, policy convergence (bench/results/policy.json)"
+	@echo "make bench-ipsec     50-node IPsec plan counts and apply time; throughput with/without IPsec in the VM (bench/results/ipsec.json)"
+	@echo "make vm-tests        the tests that need a kernel with ESP, in a virtme-ng VM (tests/vm, docs/vm-lab.md)"
 
 deps:
 	@tools/install-deps
@@ -69,6 +71,9 @@ lab-tests: collection
 molecule: collection
 	@tools/run-tests molecule
 
+vm-tests: collection
+	@tools/run-tests vm
+
 # Benchmarks: side-by-side ratios, medians of several rounds, results in bench/results/*.json.
 BENCH_ROUNDS ?= 3
 bench: collection
@@ -77,6 +82,7 @@ bench: collection
 	$(BIN)/python bench/services_datapath.py --rounds $(BENCH_ROUNDS)
 	$(BIN)/python bench/agent.py --rounds $(BENCH_ROUNDS)
 	$(BIN)/python bench/policy.py --rounds $(BENCH_ROUNDS)
+	$(BIN)/python bench/ipsec.py --rounds $(BENCH_ROUNDS) --all
 
 # Pod-to-pod throughput and latency per routing mode against plain routing (issue 4), ~9 minutes.
 bench-datapath: collection
@@ -100,3 +106,8 @@ bench-services: collection
 # Network policy (issue 6): datapath with 1,000 rules vs none, agent recompute CPU, remote identity -> allowed; ~3-9 minutes.
 bench-policy: collection
 	$(BIN)/python bench/policy.py --rounds $(BENCH_ROUNDS)
+
+# IPsec (issue 7): a planned 50-node mesh (counts, plan and policy apply time, here), throughput with and
+# without IPsec and state apply time in the VM of tools/vm-run (ESP); ~10 minutes.
+bench-ipsec: collection
+	$(BIN)/python bench/ipsec.py --rounds $(BENCH_ROUNDS) --all

@@ -667,7 +667,7 @@ def report(benchmarks: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--all", action="store_true", help="--plan here, then --datapath through tools/vm-run")
     what.add_argument("--plan", action="store_true", help="the planned 50-node mesh (this machine)")
