@@ -1,0 +1,1 @@
+"""Tests that run inside the VM of tools/vm-run (a Debian kernel with ESP): `tools/run-tests vm`."""
