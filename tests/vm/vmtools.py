@@ -141,9 +141,14 @@ class Capture:
 @contextmanager
 def capture(prefix, host, iface, bpf_filter="", seconds=30, name=None):
     """tcpdump on ``iface`` of lab ``host`` while the body runs (``seconds`` at most: then tcpdump stops), into
-    RESULTS/<name or host-iface.pcap>; yields the Capture (``.path``, ``.packets()``)::
+    RESULTS/<name or host-iface.pcap>; yields the Capture (``.path``, ``.packets()``).
 
-        with capture("cmvm", "a", "eth0", "host 198.18.1.12") as cap:
+    ``host`` may be ``fabric`` (iface ``br-<segment>``): that is the wire. In a host, a capture on
+    eth0 also shows the packets that arrived as ESP *after* decryption (tunnel mode re-injects them
+    on the same device), so "no plaintext on the underlay" must be checked on the fabric or with
+    ``bpf_filter`` "outbound"::
+
+        with capture("cmvm", "fabric", "br-dc1", "host 198.18.1.12") as cap:
             lab.exec("a", "ping", "-c3", "198.18.1.12")
         assert {p.proto for p in cap.packets()} == {50}
     """
