@@ -41,7 +41,6 @@ ROTATE = os.path.join(REPO_ROOT, "playbooks", "rotate_ipsec_key.yml")
 HOSTS = ("c1-n1", "c1-n2", "c2-n1", "c2-n2")
 KEY_FILE = "/run/cmip-ipsec.key"  # tmpfs of the VM: the controller's key file
 PATTERN = "434d2d5345435245542d5041594c4f41"  # "CM-SECRET-PAYLOA": ping fills its payload with it
-STOP_FILE = "/tmp/cmip-stream.stop"
 REQID_SPI = re.compile(r"spi 0x([0-9a-f]{8}) reqid 25453 mode tunnel")
 
 
@@ -177,13 +176,15 @@ while True:
         c.sendall(data)
 """
 
-STREAM_CLIENT = (
-    """
-import json, os, socket, sys, time
+# stopped by SIGINT from the test (a stop file would not do: a lab host has its own /tmp)
+STREAM_CLIENT = """
+import json, signal, socket, sys, time
+stop = []
+signal.signal(signal.SIGINT, lambda *args: stop.append(1))
 c = socket.create_connection((sys.argv[1], 7777), timeout=5)
 sent = ok = 0
 error = None
-while not os.path.exists(%r):
+while not stop:
     msg = b"x" * 64
     try:
         c.sendall(msg)
@@ -201,8 +202,6 @@ while not os.path.exists(%r):
     time.sleep(0.05)
 print(json.dumps({"sent": sent, "ok": ok, "error": error}))
 """
-    % STOP_FILE
-)
 
 
 def _ping_loss(output):
@@ -243,8 +242,6 @@ def test_rotation_under_traffic_loses_nothing(mesh):
     pods = mesh["pods"]
     old_key = key_hex()
     baseline_sent, baseline_lost = _timed_ping("c1-n2", pods["c2-n2"], 10)
-    if os.path.exists(STOP_FILE):
-        os.remove(STOP_FILE)
     server = subprocess.Popen(
         [LAB, "pod", "exec", "--prefix", PREFIX, "c2-n1", "pod-c2-n1", "--", "python3", "-c", STREAM_SERVER],
         start_new_session=True,
@@ -267,6 +264,7 @@ def test_rotation_under_traffic_loses_nothing(mesh):
         ],
         stdout=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     pinger = subprocess.Popen(
         [LAB, "pod", "exec", "--prefix", PREFIX, "c1-n2", "pod-c1-n2", "--", "ping", "-n", "-i", "0.1", pods["c2-n2"]],
@@ -279,7 +277,7 @@ def test_rotation_under_traffic_loses_nothing(mesh):
         rotation = playbook(PREFIX, ROTATE, *extra_vars(), check=False)
         time.sleep(2)
     finally:
-        open(STOP_FILE, "w").close()
+        os.killpg(client.pid, signal.SIGINT)
         stream = json.loads(client.communicate(timeout=60)[0].strip().splitlines()[-1])
         # ping runs in the pod under tools/lab and nsenter, all in the session started for it: SIGINT
         # to the whole group makes ping print its summary
