@@ -75,6 +75,14 @@ def xfrm(host):
     return REQID_SPI.findall(states.replace("\n\t", " ")), states, policies
 
 
+def _safe_packets(cap):
+    """The packets captured so far (an empty list while tcpdump has not written its header yet)."""
+    try:
+        return cap.packets()
+    except (AssertionError, OSError):
+        return []
+
+
 def pod_exec(host, *command, check=True, timeout=120):
     return lab("pod", "exec", host, "pod-" + host, "--", *command, prefix=PREFIX, check=check, timeout=timeout)
 
@@ -105,15 +113,26 @@ def test_pod_traffic_is_esp_on_the_underlay(mesh, src, dst, kind):
     addresses = mesh["lab"].addresses
     # on the wire: the fabric's port to the receiver (the receiver's own eth0 also shows what it decrypted)
     wire = "h-" + dst
-    with capture(PREFIX, "fabric", wire, "host %s" % addresses[src], seconds=60, name="%s-%s.pcap" % (src, dst)) as cap:
-        ping(src, mesh["pods"][dst])
-    packets = cap.packets()
-    protos = {p.proto for p in packets}
+    both = {(addresses[src], addresses[dst]), (addresses[dst], addresses[src])}
+    packets, seen = [], []  # the last capture; every capture's packets (all must be ESP)
+    for attempt in range(3):  # under TCG tcpdump may attach or flush late: wait for both directions, else again
+        name = "%s-%s-%d.pcap" % (src, dst, attempt)
+        with capture(PREFIX, "fabric", wire, "host %s" % addresses[src], seconds=60, name=name) as cap:
+            time.sleep(1)
+            ping(src, mesh["pods"][dst])
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and {(p.src, p.dst) for p in _safe_packets(cap)} != both:
+                time.sleep(1)
+        packets = cap.packets()
+        seen += packets
+        if {(p.src, p.dst) for p in packets} == both:
+            break
+    protos = {p.proto for p in seen}
     assert protos == {50}, "between %s and %s the underlay carried protocols %s, not only ESP" % (src, dst, protos)
     # requests and replies (the last ones may still be in flight under TCG when tcpdump stops)
-    assert {(p.src, p.dst) for p in packets} == {(addresses[src], addresses[dst]), (addresses[dst], addresses[src])}
+    assert {(p.src, p.dst) for p in packets} == both
     pattern = bytes.fromhex(PATTERN)
-    assert not any(pattern in p.frame for p in packets), "the pod payload crossed the underlay in clear"
+    assert not any(pattern in p.frame for p in seen), "the pod payload crossed the underlay in clear"
     assert_no_key("".join(mesh["outputs"]), key_hex())
 
 
