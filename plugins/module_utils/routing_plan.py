@@ -51,6 +51,13 @@ PEERS_ARGUMENT_SPEC = dict(
     ),
 )
 MODE_ARGUMENT_SPEC = dict(type="str", default="tunnel")  # checked by plan_routing, which names the choices
+# What every module that plans from the routing inputs takes (routing, ipsec, mesh_preflight); each adds its own.
+ROUTING_INPUTS_ARGUMENT_SPEC = dict(
+    node=NODE_ARGUMENT_SPEC,
+    peers=PEERS_ARGUMENT_SPEC,
+    mode=MODE_ARGUMENT_SPEC,
+    external_router=dict(type="bool", default=False),
+)
 
 
 def routing_inputs(mesh, host):

@@ -177,22 +177,17 @@ from ansible_collections.clustermesh.core.plugins.module_utils import ipsec_stat
 from ansible_collections.clustermesh.core.plugins.module_utils.ipsec import IpsecKeyError, IpsecPlanError
 from ansible_collections.clustermesh.core.plugins.module_utils.requirements import missing_requirements
 from ansible_collections.clustermesh.core.plugins.module_utils.routing_plan import (
-    MODE_ARGUMENT_SPEC,
-    NODE_ARGUMENT_SPEC,
-    PEERS_ARGUMENT_SPEC,
+    ROUTING_INPUTS_ARGUMENT_SPEC,
     RoutingPlanError,
 )
 
 ARGUMENT_SPEC = dict(
-    node=NODE_ARGUMENT_SPEC,
-    peers=PEERS_ARGUMENT_SPEC,
-    mode=MODE_ARGUMENT_SPEC,
+    ROUTING_INPUTS_ARGUMENT_SPEC,
     key_file=dict(type="path", default=ipsec_state.DEFAULT_KEY_FILE),
     keys=dict(type="list", elements="str", no_log=True),
     encrypt_key_id=dict(type="int"),
     block_cidrs=dict(type="list", elements="str", default=[]),
     node_encryption=dict(type="bool", default=False),
-    external_router=dict(type="bool", default=False),
     boot_ids=dict(type="dict", default={}),
     state=dict(type="str", choices=["present", "absent"], default="present"),
 )

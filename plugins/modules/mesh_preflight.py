@@ -170,19 +170,14 @@ from ansible_collections.clustermesh.core.plugins.module_utils.preflight import 
     run_preflight,
 )
 from ansible_collections.clustermesh.core.plugins.module_utils.routing_plan import (
-    MODE_ARGUMENT_SPEC,
-    NODE_ARGUMENT_SPEC,
-    PEERS_ARGUMENT_SPEC,
+    ROUTING_INPUTS_ARGUMENT_SPEC,
 )
 
 
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            node=NODE_ARGUMENT_SPEC,
-            peers=PEERS_ARGUMENT_SPEC,
-            mode=MODE_ARGUMENT_SPEC,
-            external_router=dict(type="bool", default=False),
+            ROUTING_INPUTS_ARGUMENT_SPEC,
             masquerade=dict(type="bool", default=True),
             features=dict(type="dict"),
             kvstore_endpoints=dict(type="list", elements="str", default=[]),

@@ -151,17 +151,12 @@ from ansible_collections.clustermesh.core.plugins.module_utils import routing_st
 from ansible_collections.clustermesh.core.plugins.module_utils.masquerade import MasqueradeError
 from ansible_collections.clustermesh.core.plugins.module_utils.requirements import missing_requirements
 from ansible_collections.clustermesh.core.plugins.module_utils.routing_plan import (
-    MODE_ARGUMENT_SPEC,
-    NODE_ARGUMENT_SPEC,
-    PEERS_ARGUMENT_SPEC,
+    ROUTING_INPUTS_ARGUMENT_SPEC,
     RoutingPlanError,
 )
 
 ARGUMENT_SPEC = dict(
-    node=NODE_ARGUMENT_SPEC,
-    peers=PEERS_ARGUMENT_SPEC,
-    mode=MODE_ARGUMENT_SPEC,
-    external_router=dict(type="bool", default=False),
+    ROUTING_INPUTS_ARGUMENT_SPEC,
     masquerade=dict(type="bool", default=True),
     mesh_pod_cidrs=dict(type="list", elements="str", default=[]),
     underlay_interface=dict(type="str"),

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,6 +31,18 @@ def lab(*args, prefix, check=True, timeout=180, input=None):
             "tools/lab %s failed (%d):\n%s\n%s" % (" ".join(args), proc.returncode, proc.stdout, proc.stderr)
         )
     return proc
+
+
+@contextmanager
+def lab_session(prefix, *up_args, timeout=180):
+    """``tools/lab up --prefix PREFIX [UP_ARGS]`` for the body, ``tools/lab down`` before (leftovers of an
+    interrupted run) and after, also when the body fails. Module fixtures: ``with lab_session(P): yield``."""
+    lab("down", prefix=prefix, check=False, timeout=timeout)
+    try:
+        lab("up", *up_args, prefix=prefix, timeout=timeout)
+        yield
+    finally:
+        lab("down", prefix=prefix, check=False, timeout=timeout)
 
 
 def inventory_path(prefix):

@@ -17,7 +17,7 @@ import pytest
 
 from ansible_collections.clustermesh.core.plugins.action.node_bundle import build_bundle
 
-from .labtools import LAB, PYTHON, REPO_ROOT, lab, python_in, run_in
+from .labtools import LAB, PYTHON, REPO_ROOT, lab, lab_session, python_in, run_in
 
 pytestmark = pytest.mark.lab
 if os.geteuid() != 0:
@@ -55,9 +55,7 @@ with agent_api.AgentServer({socket!r}, agent_api.default_api(registry)):
 
 @pytest.fixture(scope="module")
 def host():
-    lab("down", prefix=PREFIX, check=False)
-    lab("up", prefix=PREFIX)
-    try:
+    with lab_session(PREFIX):
         os.makedirs(CNI_BIN, exist_ok=True)
         plugin = os.path.join(CNI_BIN, "clustermesh-cni")
         with open(plugin, "wb") as handle:
@@ -73,8 +71,6 @@ def host():
             json.dumps(CONFLIST),
         )
         yield HOST
-    finally:
-        lab("down", prefix=PREFIX, check=False)
 
 
 class Agent:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from .labtools import LAB, PYTHON, inventory_path, lab, playbook, run_in
+from .labtools import LAB, PYTHON, inventory_path, lab, lab_session, playbook, run_in
 
 pytestmark = pytest.mark.lab
 if os.geteuid() != 0:
@@ -64,13 +64,11 @@ def host_links(host=HOST):
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    lab("down", prefix=PREFIX, check=False)
-    lab("up", prefix=PREFIX)
-    book = tmp_path_factory.mktemp("cni") / "cni.yml"
-    book.write_text(PLAYBOOK.format(host=HOST, cidr=POD_CIDR))
-    first = playbook(PREFIX, str(book))
-    yield {"playbook": str(book), "first": first}
-    lab("down", prefix=PREFIX, check=False)
+    with lab_session(PREFIX):
+        book = tmp_path_factory.mktemp("cni") / "cni.yml"
+        book.write_text(PLAYBOOK.format(host=HOST, cidr=POD_CIDR))
+        first = playbook(PREFIX, str(book))
+        yield {"playbook": str(book), "first": first}
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from .labtools import REPO_ROOT, lab, playbook, run_in
+from .labtools import REPO_ROOT, lab_session, playbook, run_in
 
 pytestmark = pytest.mark.lab
 if os.geteuid() != 0:
@@ -26,10 +26,8 @@ HOSTS = ("c1-n1", "c1-n2", "c2-n1", "c2-n2")
 
 @pytest.fixture(scope="module")
 def lab_up():
-    lab("down", prefix=PREFIX, check=False)
-    lab("up", prefix=PREFIX)
-    yield
-    lab("down", prefix=PREFIX, check=False)
+    with lab_session(PREFIX):
+        yield
 
 
 def test_kernel_without_esp_fails_naming_it_and_leaves_nothing(lab_up, tmp_path):

@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 
-from .labtools import LAB, PYTHON, lab, playbook, python_in, run_in
+from .labtools import LAB, PYTHON, lab_session, playbook, python_in, run_in
 
 pytestmark = pytest.mark.lab
 if os.geteuid() != 0:
@@ -55,10 +55,8 @@ print(json.dumps({"rows": [r.to_dict() for r in rows], "message": preflight.fail
 
 @pytest.fixture(scope="module")
 def default_lab():
-    lab("down", prefix=PREFIX, check=False)
-    lab("up", prefix=PREFIX)
-    yield
-    lab("down", prefix=PREFIX, check=False)
+    with lab_session(PREFIX):
+        yield
 
 
 def preflight(host, extra_peers=(), **options):

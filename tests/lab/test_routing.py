@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import yaml
 
-from .labtools import BIN, LAB, PYTHON, REPO_ROOT, inventory_path, lab, python_in, run_in
+from .labtools import BIN, LAB, PYTHON, REPO_ROOT, inventory_path, lab_session, python_in, run_in
 
 pytestmark = pytest.mark.lab
 if os.geteuid() != 0:
@@ -58,9 +58,7 @@ def pod_ip(inputs, host):
 
 @pytest.fixture(scope="module")
 def mesh():
-    lab("down", prefix=PREFIX, check=False)
-    lab("up", prefix=PREFIX)
-    try:
+    with lab_session(PREFIX):
         inputs = mesh_inputs()
         assert {h: i["node"]["pod_cidrs"] for h, i in inputs.items()} == {
             "c1-n1": ["10.1.0.0/24"],
@@ -78,8 +76,6 @@ def mesh():
                 "ip link set cm_t0 up; ip addr add %s/32 dev cm_t0" % pod_ip(inputs, host),
             )
         yield inputs
-    finally:
-        lab("down", prefix=PREFIX, check=False)
 
 
 RECONCILE = """

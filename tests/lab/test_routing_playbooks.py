@@ -20,7 +20,7 @@ import os
 
 import pytest
 
-from .labtools import REPO_ROOT, lab, playbook, run_in
+from .labtools import REPO_ROOT, lab_session, playbook, run_in
 
 pytestmark = pytest.mark.lab
 if os.geteuid() != 0:
@@ -55,10 +55,8 @@ def lines(state, kind):
 
 @pytest.fixture(scope="module")
 def lab_up():
-    lab("down", prefix=PREFIX, check=False)
-    lab("up", prefix=PREFIX)
-    yield
-    lab("down", prefix=PREFIX, check=False)
+    with lab_session(PREFIX):
+        yield
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from ..lab.labtools import LAB, REPO_ROOT, inventory_path, lab, playbook, run_in
+from ..lab.labtools import LAB, REPO_ROOT, inventory_path, lab, lab_session, playbook, run_in
 
 __all__ = [
     "RESULTS",
@@ -70,20 +70,16 @@ class Lab:
 def vm_lab(prefix, topology=None):
     """``tools/lab up --prefix PREFIX`` (topology: a dict, written to RESULTS; None = the default lab),
     yields a Lab; ``tools/lab down`` afterwards, also when the body fails."""
-    args = ["up"]
+    args = []
     if topology is not None:
         path = results_path("topology-%s.yml" % prefix)
         with open(path, "w") as f:
             yaml.safe_dump(topology, f)
         args += ["--topology", path]
-    lab("down", prefix=prefix, check=False, timeout=LAB_TIMEOUT)
-    try:
-        lab(*args, prefix=prefix, timeout=LAB_TIMEOUT)
+    with lab_session(prefix, *args, timeout=LAB_TIMEOUT):
         with open("/run/clustermesh-lab/%s/topology.json" % prefix) as f:
             hosts = json.load(f)["hosts"]
         yield Lab(prefix, inventory_path(prefix), {h["name"]: h["address"] for h in hosts})
-    finally:
-        lab("down", prefix=prefix, check=False, timeout=LAB_TIMEOUT)
 
 
 def run_playbook(prefix, text, name="playbook.yml", *extra, check=True, timeout=900):
