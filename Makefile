@@ -72,7 +72,7 @@ molecule: collection
 	@tools/run-tests molecule
 
 vm-tests: collection
-	@CLUSTERMESH_VM_FULL=1 tools/run-tests vm
+	@tools/run-tests vm
 
 # Benchmarks: side-by-side ratios, medians of several rounds, results in bench/results/*.json.
 BENCH_ROUNDS ?= 3

@@ -15,9 +15,7 @@ the inventory only (routing.yml, encryption.yml, no preflight: the host lab test
 - a node removed from the inventory: its states and policies are gone from every other node;
 - key material appears in no output.
 
-CI's vm stage runs the tests without the mark vm_full (the mesh, the traffic on every kind of path,
-the MTU, the states, the second run, check mode): each further ansible-playbook run costs minutes
-under TCG. `make vm-tests` runs them all (CLUSTERMESH_VM_FULL=1).
+Every test here runs in CI's vm stage (`make test`, beside the host stages) and in `make vm-tests`.
 """
 
 from __future__ import annotations
@@ -256,7 +254,6 @@ def _timed_ping(src, dst_ip, seconds):
     return _ping_loss(proc.stdout)
 
 
-@pytest.mark.vm_full
 def test_rotation_under_traffic_loses_nothing(mesh):
     pods = mesh["pods"]
     old_key = key_hex()
@@ -321,7 +318,6 @@ def test_rotation_under_traffic_loses_nothing(mesh):
         assert f.read().startswith("4+ ")
 
 
-@pytest.mark.vm_full
 def test_node_removed_from_the_inventory_leaves_no_trace(mesh):
     with open(inventory_path(PREFIX)) as f:
         inventory = yaml.safe_load(f)
