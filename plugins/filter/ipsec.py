@@ -33,6 +33,10 @@ def ipsec_key_info(line):
     }
 
 
+def ipsec_key_line(line):
+    return ipsec.format_key_line(_parse(line, "ipsec_key_line"))
+
+
 def ipsec_next_key(line):
     return ipsec.format_key_line(ipsec.generate_next_key(_parse(line, "ipsec_next_key")))
 
@@ -51,6 +55,7 @@ class FilterModule:
     def filters(self):
         return {
             "ipsec_key_info": ipsec_key_info,
+            "ipsec_key_line": ipsec_key_line,
             "ipsec_next_key": ipsec_next_key,
             "ipsec_pod_mtu": ipsec_pod_mtu,
         }

@@ -76,6 +76,32 @@ def read_key_file(path):
         raise IpsecStateError("key file %s: %s" % (path, exc)) from None
 
 
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+
+
+def node_keys(path=DEFAULT_KEY_FILE, boot_id_file=BOOT_ID_FILE):
+    """What the encryption role needs to know of a node before it plans: ``boot_id`` (per-pair keys mix
+    it in), ``keys`` (the key lines of the node's key file in their canonical form, ``ipsec.format_key_line``:
+    key material), ``key_ids`` and ``warnings``. A missing key file is no keys; a key file this module
+    would refuse (mode, owner, format) is no keys and a warning naming the problem: the next apply
+    rewrites it."""
+    with open(boot_id_file, encoding="ascii") as handle:
+        boot_id = handle.read().strip()
+    warnings = []
+    keys = []
+    if os.path.lexists(path):
+        try:
+            keys = read_key_file(path)
+        except IpsecStateError as exc:
+            warnings.append("%s; it is rewritten by the next apply" % exc)
+    return {
+        "boot_id": boot_id,
+        "keys": [ipsec.format_key_line(key) for key in keys],
+        "key_ids": [key.key_id for key in keys],
+        "warnings": warnings,
+    }
+
+
 def key_file_text(keys):
     """The key file for ``keys`` (first line: the key that encrypts)."""
     return "".join(ipsec.format_key_line(key) + "\n" for key in keys).encode("ascii")

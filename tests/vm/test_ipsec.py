@@ -57,8 +57,9 @@ def extra_vars(**more):
 
 
 def key_hex(path=KEY_FILE):
+    """The key bytes of the controller's key file as the nodes hold them (lowercase hex, no 0x)."""
     with open(path) as f:
-        return f.read().split()[2]
+        return f.read().split()[2].lower().removeprefix("0x")
 
 
 def assert_no_key(output, *keys):
@@ -93,7 +94,8 @@ def ping(src, dst_ip, count=3):
 def mesh():
     with open(KEY_FILE, "w") as f:
         os.fchmod(f.fileno(), 0o600)
-        f.write("3+ rfc4106(gcm(aes)) %s 128\n" % os.urandom(20).hex())
+        # as a user may write it (0x, uppercase): the nodes' canonical lines must still be the same key
+        f.write("3+ rfc4106(gcm(aes)) 0x%s 128\n" % os.urandom(20).hex().upper())
     with vm_lab(PREFIX) as lab_:
         outputs = [playbook(PREFIX, ROUTING, *extra_vars()).output, playbook(PREFIX, ENCRYPTION, *extra_vars()).output]
         pods = {}

@@ -8,7 +8,12 @@ from __future__ import annotations
 import pytest
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.clustermesh.core.plugins.filter.ipsec import ipsec_key_info, ipsec_next_key, ipsec_pod_mtu
+from ansible_collections.clustermesh.core.plugins.filter.ipsec import (
+    ipsec_key_info,
+    ipsec_key_line,
+    ipsec_next_key,
+    ipsec_pod_mtu,
+)
 from ansible_collections.clustermesh.core.plugins.filter.mesh import mesh_vars
 from ansible_collections.clustermesh.core.plugins.module_utils import ipsec
 
@@ -31,6 +36,14 @@ def test_key_info_has_no_key_material():
 def test_bad_key_is_a_filter_error_without_the_key(line):
     with pytest.raises(AnsibleFilterError) as info:
         ipsec_key_info(line)
+    assert "5e5e" not in str(info.value)
+
+
+def test_key_line_is_canonical():
+    assert ipsec_key_line("  15+ rfc4106(gcm(aes)) 0x" + "5E" * 20 + " 128 ") == KEY
+    assert ipsec_key_line(KEY) == KEY
+    with pytest.raises(AnsibleFilterError, match="ipsec_key_line") as info:
+        ipsec_key_line("15+ rfc4106(gcm(aes)) 5e5e 128")
     assert "5e5e" not in str(info.value)
 
 

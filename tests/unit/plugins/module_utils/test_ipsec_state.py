@@ -234,3 +234,23 @@ def test_capability_check_on_this_kernel_names_the_missing_feature():
         ipsec_state.IpsecStateError, match=r"no ESP support \(module esp4 missing\).*nothing was changed"
     ):
         ipsec_state.check_capability([ipsec.parse_key_line(KEY3)])
+
+
+def test_node_keys_are_canonical_so_they_compare_with_the_inventory_line(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# written by hand\n3+ rfc4106(gcm(aes)) 0x" + "A1" * 20 + " 128\n")
+    os.chmod(path, 0o600)
+    boot = tmp_path / "boot_id"
+    boot.write_text("0f8d5b4e-61a1-4f5c-9b7e-2d1c9d0a8e11\n")
+    info = ipsec_state.node_keys(str(path), boot_id_file=str(boot))
+    assert info == {"boot_id": "0f8d5b4e-61a1-4f5c-9b7e-2d1c9d0a8e11", "keys": [KEY3], "key_ids": [3], "warnings": []}
+
+
+def test_node_keys_of_a_node_without_a_key_file_or_with_a_refused_one(tmp_path):
+    assert ipsec_state.node_keys(str(tmp_path / "none"))["keys"] == []
+    path = tmp_path / "keys"
+    path.write_text(KEY3 + "\n")
+    os.chmod(path, 0o644)
+    info = ipsec_state.node_keys(str(path))
+    assert info["keys"] == [] and info["key_ids"] == []
+    assert len(info["warnings"]) == 1 and "mode 0644" in info["warnings"][0] and "a1a1" not in info["warnings"][0]
