@@ -18,6 +18,7 @@ PACKAGES = {
     "mesh_model": "netaddr",
     "pki": "cryptography",
     "routing_state": "pyroute2",
+    "ipsec_state": "pyroute2",
     "agent_metrics": "prometheus_client",
     "pod_network": "pyroute2",
     "policy": "PyYAML",
