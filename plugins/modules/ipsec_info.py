@@ -31,8 +31,11 @@ options:
     type: path
     default: /etc/clustermesh/ipsec/keys
 attributes:
+  platform:
+    platforms: posix
   check_mode:
     support: full
+    details: Reads only; the same in check mode.
   diff_mode:
     support: none
 seealso:
