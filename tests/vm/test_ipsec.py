@@ -39,16 +39,18 @@ PREFIX = "cmip"
 ROUTING = os.path.join(REPO_ROOT, "playbooks", "routing.yml")
 ENCRYPTION = os.path.join(REPO_ROOT, "playbooks", "encryption.yml")
 ROTATE = os.path.join(REPO_ROOT, "playbooks", "rotate_ipsec_key.yml")
-HOSTS = ("c1-n1", "c2-n1", "c2-n2")
-TOPOLOGY = {
-    "clusters": {"cluster1": {"id": 1, "pod_cidr": "10.1.0.0/16"}, "cluster2": {"id": 2, "pod_cidr": "10.2.0.0/16"}},
-    "segments": [{"name": "dc1", "cidr": "198.18.1.0/24"}, {"name": "dc2", "cidr": "198.18.2.0/24"}],
-    "hosts": [
-        {"name": "c1-n1", "cluster": "cluster1", "segment": "dc1"},
-        {"name": "c2-n1", "cluster": "cluster2", "segment": "dc1"},
-        {"name": "c2-n2", "cluster": "cluster2", "segment": "dc2"},
-    ],
-}
+
+
+def _default_topology_without(name):
+    """tools/lab's default topology (tools/labkit/default-topology.yml) without host ``name``."""
+    with open(os.path.join(REPO_ROOT, "tools", "labkit", "default-topology.yml")) as f:
+        topology = yaml.safe_load(f)
+    topology["hosts"] = [h for h in topology["hosts"] if h["name"] != name]
+    return topology
+
+
+TOPOLOGY = _default_topology_without("c1-n2")
+HOSTS = tuple(h["name"] for h in TOPOLOGY["hosts"])  # c1-n1, c2-n1, c2-n2
 KEY_FILE = "/run/cmip-ipsec.key"  # tmpfs of the VM: the controller's key file
 PATTERN = "434d2d5345435245542d5041594c4f41"  # "CM-SECRET-PAYLOA": ping fills its payload with it
 REQID_SPI = re.compile(r"spi 0x([0-9a-f]{8}) reqid 25453 mode tunnel")
